@@ -1,0 +1,46 @@
+# The two commands in the README do all set-up on a fresh machine:
+#   make demo   -- the main job
+#   make test   -- the test suite
+# Both create (or refresh, when setup.py changes) a local virtual env in $(VENV).
+# torch==2.13.0 is installed *first*: an unpinned torch resolved by pip would pull several GB of
+# CUDA wheels onto a CPU machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.echomoe-installed
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+export DS_BUILD_OPS := 0
+export DS_ACCELERATOR := cpu
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: install demo test bench lint clean
+
+$(STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) experiments/benchmarks/moe_layer.py --out results/moe_layer.json
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) experiments/benchmarks/moe_layer.py --out results/moe_layer.json
+
+lint: install
+	$(PY) -m ruff check echomoe experiments tests
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .hypothesis

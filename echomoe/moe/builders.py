@@ -1,0 +1,166 @@
+"""Component builders: turn a handful of sizes into a wired MoE layer.
+
+``build_moe_layer`` is the one entry point configs and model code use; its keyword names are
+stable.  The blocks themselves never see a config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from echomoe.moe.experts import GroupedExperts, check_choice
+from echomoe.moe.layer import DenseFFN, MoELayer, SharedExpert
+from echomoe.moe.mlp import make_mlp
+from echomoe.moe.routers import (
+    ExpertChoiceRouter,
+    RegionHardRouter,
+    RegionSoftRouter,
+    TopKRouter,
+)
+from echomoe.moe.soft_moe import SoftMoE
+
+ROUTERS = ("topk", "region_hard", "region_soft", "expert_choice", "soft")
+CAUSAL_ROUTERS = ("topk", "region_hard", "region_soft")
+
+
+def build_moe_layer(
+    hidden_size: int,
+    intermediate_size: int,
+    num_experts: int,
+    top_k: int,
+    router: str = "topk",
+    backend: str = "grouped_mm",
+    shared_expert_size: int | None = None,
+    dense_branch_size: int | None = None,
+    num_regions: int = 7,
+    normalize_topk: bool = True,
+    *,
+    activation: str = "swiglu",
+    shared_expert_gate: bool = True,
+    region_experts: Sequence[Sequence[int]] | None = None,
+    jitter: float = 0.0,
+    capacity_factor: float | None = None,
+    slots_per_expert: int = 1,
+    causal: bool = False,
+) -> nn.Module:
+    """Build an MoE feed-forward layer.
+
+    Args:
+        hidden_size: ``D``.
+        intermediate_size: ``F``, the width of *one* routed expert.
+        num_experts: ``E``.
+        top_k: experts per token (for ``expert_choice`` the capacity factor defaults to it).
+        router: one of :data:`ROUTERS`.
+        backend: expert dispatch, one of :data:`echomoe.moe.experts.BACKENDS`.
+        shared_expert_size: width of an always-on shared expert (``None`` = none).
+        dense_branch_size: width of the dense branch of an EchoVLM dual path (``None`` = none).
+        num_regions: ``R``, the number of anatomical regions router ids may take.
+        normalize_topk: renormalise the top-k weights to sum to 1.
+        activation: expert activation (``swiglu``, ``geglu``, ``gelu``, ...).
+        shared_expert_gate: scale the shared expert by a per-token sigmoid gate.
+        region_experts: per-region expert lists for the region routers.
+        jitter: router input jitter in training.
+        capacity_factor: token-choice capacity (``None`` = dropless) or expert-choice capacity.
+        slots_per_expert: soft MoE slots per expert.
+        causal: the layer will sit in a causal model; non-causal routers then refuse.
+
+    Returns an :class:`~echomoe.moe.layer.MoELayer` (or :class:`~echomoe.moe.soft_moe.SoftMoE`
+    for ``router="soft"``) exposing ``router.weight [E, D]`` and ``experts.gate_up_proj
+    [E, 2F, D]`` / ``experts.down_proj [E, D, F]``.
+    """
+    check_choice("router", router, ROUTERS)
+    if causal and router not in CAUSAL_ROUTERS:
+        raise ValueError(
+            f"router {router!r} is not causal and cannot be used in a causal model; "
+            f"causal routers: {', '.join(CAUSAL_ROUTERS)}"
+        )
+    experts = GroupedExperts(
+        num_experts, hidden_size, intermediate_size, activation=activation, backend=backend
+    )
+    if router == "soft":
+        return SoftMoE(experts=experts, slots_per_expert=slots_per_expert, num_regions=num_regions)
+    if router == "expert_choice":
+        gate: nn.Module = ExpertChoiceRouter(
+            hidden_size,
+            num_experts,
+            capacity_factor=float(capacity_factor or top_k),
+            num_regions=num_regions,
+        )
+    elif router == "topk":
+        gate = TopKRouter(
+            hidden_size,
+            num_experts,
+            top_k,
+            normalize=normalize_topk,
+            jitter=jitter,
+            capacity_factor=capacity_factor,
+            num_regions=num_regions,
+        )
+    else:
+        cls = RegionHardRouter if router == "region_hard" else RegionSoftRouter
+        gate = cls(
+            hidden_size,
+            num_experts,
+            top_k,
+            num_regions=num_regions,
+            region_experts=region_experts,
+            normalize=normalize_topk,
+            jitter=jitter,
+            capacity_factor=capacity_factor,
+        )
+    shared = None
+    if shared_expert_size:
+        shared_mlp = make_mlp(hidden_size, shared_expert_size, activation)
+        shared = SharedExpert(shared_mlp, hidden_size, gated=shared_expert_gate)
+    dense = make_mlp(hidden_size, dense_branch_size, activation) if dense_branch_size else None
+    return MoELayer(router=gate, experts=experts, shared_expert=shared, dense_branch=dense)
+
+
+def build_dense_ffn(hidden_size: int, intermediate_size: int, activation: str = "swiglu"):
+    """A dense FFN returning :class:`~echomoe.moe.layer.MoEOutput` (the MoE layer's twin)."""
+    return DenseFFN(make_mlp(hidden_size, intermediate_size, activation))
+
+
+def equal_active_expert_size(
+    dense_size: int, top_k: int, shared_expert_size: int = 0, dense_branch_size: int = 0
+) -> int:
+    """Expert width giving the same active FFN parameters per token as a dense FFN.
+
+    A token sees ``top_k`` experts of width ``F_e`` plus any shared expert and dense branch, so
+    ``F_e = (F - S - F_dense) / k``.  Raises if that is not a positive integer.
+    """
+    rest = dense_size - shared_expert_size - dense_branch_size
+    if rest <= 0 or rest % top_k:
+        raise ValueError(
+            f"cannot split dense width {dense_size} into top_k={top_k} experts after shared "
+            f"expert {shared_expert_size} and dense branch {dense_branch_size}: "
+            f"{rest} is not a positive multiple of {top_k}"
+        )
+    return rest // top_k
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    """Total parameters and parameters *active* for one token.
+
+    Routed experts count ``k / E`` of their parameters as active (``k`` = the router's
+    ``active_experts_per_token``); everything else, routers and gates included, counts fully.
+    Returns ``{"total", "active", "router"}`` (``router`` = router and gate parameters).
+    """
+    total = sum(p.numel() for p in module.parameters())
+    inactive = 0.0
+    router = 0
+    for m in module.modules():
+        if isinstance(m, MoELayer):
+            expert_params = sum(p.numel() for p in m.experts.parameters())
+            share = m.router.active_experts_per_token / m.experts.num_experts
+            inactive += expert_params * (1.0 - min(share, 1.0))
+            router += sum(p.numel() for p in m.router.parameters())
+            if m.path_mixer is not None:
+                router += m.path_mixer.weight.numel()
+            if isinstance(m.shared_expert, SharedExpert) and m.shared_expert.gate is not None:
+                router += m.shared_expert.gate.weight.numel()
+        elif isinstance(m, SoftMoE):
+            router += m.slot_embeds.numel()
+    return {"total": total, "active": int(round(total - inactive)), "router": router}

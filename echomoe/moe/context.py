@@ -1,0 +1,98 @@
+"""The routing context: how region ids reach MoE layers inside a ``transformers`` model.
+
+HF decoder layers call ``self.mlp(hidden_states)`` and expect a tensor back, so an MoE layer
+installed there cannot receive region ids as an argument nor return its aux losses.
+:func:`~echomoe.moe.upcycle.moefy` therefore installs :class:`MoEAdapter` as ``mlp``; the
+adapter reads the current region ids from a :class:`RoutingContext` owned by the model and
+records its layer's :class:`~echomoe.moe.layer.MoEOutput` there.  No module-level globals: two
+models have two contexts.
+
+Usage::
+
+    ctx = moefy(lm, layers="all", num_experts=4, top_k=2, router="region_hard")
+    with ctx.route(region_ids):           # (B,) or None; -1 = unknown
+        out = lm(input_ids, labels=labels)
+    loss = out.loss + 0.01 * ctx.aux_losses()["balance"]
+
+Each layer's latest output is kept (overwritten on the next forward), so the records of the
+last forward are always available and memory stays bounded during ``generate()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from echomoe.moe.layer import MoEOutput, RoutingInfo
+
+
+class RoutingContext:
+    """Carries region ids into MoE layers and collects their aux losses and routing."""
+
+    def __init__(self) -> None:
+        self.region_ids: Tensor | None = None
+        self.records: dict[str, MoEOutput] = {}
+
+    @contextmanager
+    def route(self, region_ids: Tensor | None) -> Iterator[RoutingContext]:
+        """Route every forward inside the block with ``region_ids (B,)``; clears old records."""
+        previous = self.region_ids
+        self.region_ids = region_ids
+        self.records = {}
+        try:
+            yield self
+        finally:
+            self.region_ids = previous
+
+    def region_ids_for(self, batch_size: int) -> Tensor | None:
+        """The region ids for a batch of ``batch_size`` rows.
+
+        ``generate()`` with beams or several return sequences repeats each sample's rows
+        contiguously; region ids are repeated the same way.
+        """
+        ids = self.region_ids
+        if ids is None or ids.shape[0] == batch_size:
+            return ids
+        if ids.shape[0] and batch_size % ids.shape[0] == 0:
+            return ids.repeat_interleave(batch_size // ids.shape[0])
+        raise ValueError(
+            f"routing context holds {ids.shape[0]} region ids but the batch has {batch_size} rows"
+        )
+
+    def record(self, name: str, output: MoEOutput) -> None:
+        self.records[name] = output
+
+    def aux_losses(self, reduce: str = "mean") -> dict[str, Tensor]:
+        """Each aux loss combined over the layers of the last forward (``mean`` or ``sum``)."""
+        if reduce not in ("mean", "sum"):
+            raise ValueError(f"unknown reduce {reduce!r}; valid: mean, sum")
+        grouped: dict[str, list[Tensor]] = {}
+        for out in self.records.values():
+            for key, value in out.aux_losses.items():
+                grouped.setdefault(key, []).append(value)
+        combine = torch.mean if reduce == "mean" else torch.sum
+        return {key: combine(torch.stack(values)) for key, values in grouped.items()}
+
+    def routing(self) -> dict[str, RoutingInfo]:
+        """Per-layer routing of the last forward, keyed by layer name."""
+        return {name: out.routing for name, out in self.records.items() if out.routing}
+
+
+class MoEAdapter(nn.Module):
+    """Stand-in for an HF ``mlp``: runs an MoE layer, returns a tensor, records the rest."""
+
+    def __init__(self, moe: nn.Module, context: RoutingContext, name: str) -> None:
+        super().__init__()
+        self.moe = moe
+        self.name = name
+        # A plain attribute (not a submodule): the context holds no parameters.
+        object.__setattr__(self, "context", context)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        region_ids = self.context.region_ids_for(hidden_states.shape[0])
+        out = self.moe(hidden_states, region_ids)
+        self.context.record(self.name, out)
+        return out.hidden_states

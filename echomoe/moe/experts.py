@@ -1,0 +1,195 @@
+"""A bank of ``E`` feed-forward experts stored as 3-D weights, with interchangeable backends.
+
+Weights use the transformers-v5 Mixtral layout, so they load into and from ``transformers`` MoE
+blocks without conversion:
+
+* gated activations (``swiglu``, ``geglu``): ``gate_up_proj [E, 2F, D]`` -- the ``F`` gate rows
+  first, then the ``F`` up rows -- and ``down_proj [E, D, F]``;
+* plain activations (``gelu``, ``relu``, ``silu``): ``up_proj [E, F, D]`` and
+  ``down_proj [E, D, F]`` (optionally with biases, for upcycled ViT/CLIP MLPs).
+
+Backends (same weights, same results):
+
+* ``loop``: one matmul pair per expert in a Python loop; the readable reference.
+* ``grouped_mm``: sort assignments by expert and run one grouped GEMM per projection
+  (:mod:`echomoe.moe.dispatch`); the default, runs on CPU and GPU.
+* ``megablocks``: MegaBlocks' grouped GEMM kernels on CUDA; imported lazily, GPU only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from echomoe.moe.dispatch import gated_activation, grouped_experts_forward
+
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+PLAIN_ACTIVATIONS = ("gelu", "relu", "silu")
+ACTIVATIONS = GATED_ACTIVATIONS + PLAIN_ACTIVATIONS
+BACKENDS = ("grouped_mm", "loop", "megablocks")
+
+
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    """Raise a ``ValueError`` naming the valid choices when ``value`` is not one of them."""
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+def _require_megablocks() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "backend='megablocks' needs a CUDA GPU (and `pip install echomoe[megablocks]`); "
+            "this machine has none. Use backend='grouped_mm': same weights, same results, "
+            "runs on CPU."
+        )
+    try:
+        import megablocks  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            "backend='megablocks' needs the megablocks package: pip install 'echomoe[megablocks]'"
+            " (or use backend='grouped_mm')"
+        ) from err
+
+
+def _megablocks_linear(x: Tensor, weight: Tensor, offsets: Tensor, out_groups: int) -> Tensor:
+    """MegaBlocks' grouped GEMM (``grouped_gemm.ops.gmm``) on the sorted layout.
+
+    ``gmm`` takes per-group sizes as an int64 CPU tensor and ``weight (E, out, in)`` with
+    ``trans_b=True``; it is differentiable.
+    """
+    from megablocks import grouped_gemm_util as gg
+
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).to("cpu", torch.int64)
+    return gg.ops.gmm(x.contiguous(), weight.contiguous(), counts, trans_b=True)
+
+
+class GroupedExperts(nn.Module):
+    """``E`` experts applied to routed tokens.
+
+    Args:
+        num_experts: ``E``.
+        hidden_size: ``D``.
+        intermediate_size: ``F``, the width of one expert.
+        activation: one of :data:`ACTIVATIONS`.
+        backend: one of :data:`BACKENDS`.
+        bias: give each expert biases (plain activations only; as in ViT/CLIP MLPs).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        activation: str = "swiglu",
+        backend: str = "grouped_mm",
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("backend", backend, BACKENDS)
+        if backend == "megablocks":
+            _require_megablocks()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.activation = activation
+        self.backend = backend
+        self.gated = activation in GATED_ACTIVATIONS
+        width_in = 2 * intermediate_size if self.gated else intermediate_size
+        w_in = nn.Parameter(torch.empty(num_experts, width_in, hidden_size))
+        if self.gated:
+            self.gate_up_proj = w_in
+        else:
+            self.up_proj = w_in
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.in_bias = nn.Parameter(torch.zeros(num_experts, width_in)) if bias else None
+        self.down_bias = nn.Parameter(torch.zeros(num_experts, hidden_size)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.w_in, std=std)
+        nn.init.normal_(self.down_proj, std=std)
+
+    @property
+    def w_in(self) -> Tensor:
+        """The first projection: ``gate_up_proj`` or ``up_proj``."""
+        return self.gate_up_proj if self.gated else self.up_proj
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert ``e`` applied to ``x (n, D)`` -> ``(n, D)``."""
+        b_in = None if self.in_bias is None else self.in_bias[e]
+        b_out = None if self.down_bias is None else self.down_bias[e]
+        h = gated_activation(F.linear(x, self.w_in[e], b_in), self.activation)
+        return F.linear(h, self.down_proj[e], b_out)
+
+    def forward(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        """Combine each token's experts.
+
+        Args:
+            x: ``(N, D)``.
+            expert_ids: ``(N, k)`` int64, ``-1`` = dropped.
+            weights: ``(N, k)`` combine weights.
+
+        Returns ``(N, D)`` = ``sum_j weights[:, j] * expert_{ids[:, j]}(x)``.
+        """
+        if self.backend == "loop":
+            return self._forward_loop(x, expert_ids, weights)
+        if self.backend == "megablocks":
+            return self._forward_megablocks(x, expert_ids, weights)
+        return grouped_experts_forward(
+            x,
+            expert_ids,
+            weights,
+            self.w_in,
+            self.down_proj,
+            self.in_bias,
+            self.down_bias,
+            self.activation,
+        )
+
+    def _forward_loop(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(expert_ids == e)
+            if token.numel() == 0:
+                continue
+            y = self.expert(e, x[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    def _forward_megablocks(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        _require_megablocks()
+        if not x.is_cuda:
+            raise RuntimeError("backend='megablocks' needs inputs on a CUDA device")
+        return grouped_experts_forward(
+            x,
+            expert_ids,
+            weights,
+            self.w_in,
+            self.down_proj,
+            self.in_bias,
+            self.down_bias,
+            self.activation,
+            linear=_megablocks_linear,
+        )
+
+    def forward_buckets(self, x: Tensor) -> Tensor:
+        """Apply expert ``e`` to bucket ``e``: ``(E, C, D) -> (E, C, D)`` with batched GEMMs.
+
+        Used when every expert gets the same number of rows (expert choice, soft MoE).
+        """
+        h = torch.baddbmm(self.in_bias.unsqueeze(1), x, self.w_in.transpose(1, 2)) \
+            if self.in_bias is not None else torch.bmm(x, self.w_in.transpose(1, 2))
+        h = gated_activation(h, self.activation)
+        if self.down_bias is not None:
+            return torch.baddbmm(self.down_bias.unsqueeze(1), h, self.down_proj.transpose(1, 2))
+        return torch.bmm(h, self.down_proj.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, "
+            f"backend={self.backend!r}"
+        )

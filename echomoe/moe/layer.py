@@ -1,0 +1,202 @@
+"""The mixture-of-experts layer and its dense twin, which return the same type.
+
+:class:`MoELayer` composes already-built parts (keyword-only, torchtune style)::
+
+    MoELayer(router=TopKRouter(...), experts=GroupedExperts(...),
+             shared_expert=SharedExpert(GatedMLP(...)),   # optional, Qwen2-MoE style
+             dense_branch=GatedMLP(...))                  # optional, EchoVLM dual path
+
+and :class:`DenseFFN` wraps any dense MLP so that model code never branches on dense vs MoE:
+both return :class:`MoEOutput` (the dense one with no losses and no routing).
+
+Axis legend: ``B`` batch, ``T`` tokens per sample, ``N = B*T``, ``D`` hidden, ``E`` experts,
+``k`` experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from echomoe.moe.experts import GroupedExperts
+from echomoe.moe.routers import ExpertChoiceOutput
+
+
+@dataclass
+class RoutingInfo:
+    """What the router did, detached, for statistics and logging.
+
+    Attributes:
+        expert_ids: ``(N, k)`` int64; ``-1`` = dropped / not chosen.  For expert choice
+            ``k = E`` and column ``e`` is ``e`` where expert ``e`` picked the token.
+        weights: ``(N, k)`` combine weights.
+        probs: ``(N, E)`` routing probabilities.
+        region_ids: ``(N,)`` region of each token (``-1`` unknown) or ``None``.
+        num_experts: ``E``.
+        num_dropped: number of dropped (token, expert) assignments (token choice with a
+            capacity) or of tokens no expert picked (expert choice).
+    """
+
+    expert_ids: Tensor
+    weights: Tensor
+    probs: Tensor
+    region_ids: Tensor | None
+    num_experts: int
+    num_dropped: int = 0
+
+
+@dataclass
+class MoEOutput:
+    """Output of :class:`MoELayer` and :class:`DenseFFN`.
+
+    Attributes:
+        hidden_states: ``(B, T, D)``.
+        aux_losses: raw auxiliary losses by name (empty for dense layers).
+        routing: :class:`RoutingInfo`, ``None`` for dense layers.
+    """
+
+    hidden_states: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    routing: RoutingInfo | None = None
+
+
+def validate_region_ids(region_ids: Tensor, batch_size: int, num_regions: int) -> Tensor:
+    """Check ``region_ids`` is ``(B,)`` integer with values in ``[-1, num_regions)``."""
+    if region_ids.dtype.is_floating_point or region_ids.dtype == torch.bool:
+        raise TypeError(f"region_ids must be an integer tensor, got {region_ids.dtype}")
+    if region_ids.shape != (batch_size,):
+        raise ValueError(
+            f"region_ids must have shape (batch,) = ({batch_size},), got {tuple(region_ids.shape)}"
+        )
+    if region_ids.numel():
+        lo, hi = int(region_ids.min()), int(region_ids.max())
+        if lo < -1 or hi >= num_regions:
+            bad = lo if lo < -1 else hi
+            raise ValueError(
+                f"region id {bad} out of range for num_regions={num_regions} "
+                "(valid: 0..num_regions-1, or -1 for unknown)"
+            )
+    return region_ids.long()
+
+
+class DenseFFN(nn.Module):
+    """Wrap a dense MLP so it returns :class:`MoEOutput` like :class:`MoELayer` does."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, hidden_states: Tensor, region_ids: Tensor | None = None) -> MoEOutput:
+        """``(B, T, D) -> MoEOutput``; ``region_ids`` is accepted and ignored."""
+        return MoEOutput(self.mlp(hidden_states))
+
+
+class SharedExpert(nn.Module):
+    """An always-on expert, optionally scaled by a per-token sigmoid gate (Qwen2-MoE)."""
+
+    def __init__(self, mlp: nn.Module, hidden_size: int, *, gated: bool = True) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.gate = nn.Linear(hidden_size, 1, bias=False) if gated else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, D) -> (N, D)``."""
+        y = self.mlp(x)
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
+
+
+class MoELayer(nn.Module):
+    """Routed experts (+ optional shared expert, + optional dense branch).
+
+    Args:
+        router: a token-choice router (:class:`~echomoe.moe.routers.TopKRouter` and its region
+            variants) or :class:`~echomoe.moe.routers.ExpertChoiceRouter`.
+        experts: :class:`~echomoe.moe.experts.GroupedExperts`.
+        shared_expert: added to the routed output for every token.
+        dense_branch: a dense MLP; when given the output is the EchoVLM *dual path*
+            ``c_0 * dense(x) + c_1 * moe(x)`` with ``c = softmax(W_mix x)`` per token
+            (``W_mix`` is ``path_mixer``, a ``Linear(D, 2)``).
+    """
+
+    def __init__(
+        self,
+        *,
+        router: nn.Module,
+        experts: GroupedExperts,
+        shared_expert: nn.Module | None = None,
+        dense_branch: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router has {router.num_experts} experts but experts has {experts.num_experts}"
+            )
+        if router.hidden_size != experts.hidden_size:
+            raise ValueError(
+                f"router hidden size {router.hidden_size} != experts hidden size "
+                f"{experts.hidden_size}"
+            )
+        self.hidden_size = experts.hidden_size
+        self.num_regions = router.num_regions
+        self.router = router
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.dense_branch = dense_branch
+        self.path_mixer = None
+        if dense_branch is not None:
+            self.path_mixer = nn.Linear(self.hidden_size, 2, bias=False)
+
+    def forward(self, hidden_states: Tensor, region_ids: Tensor | None = None) -> MoEOutput:
+        """Route ``hidden_states (B, T, D)``; ``region_ids (B,)`` (``-1`` = unknown) or ``None``."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"MoELayer expected hidden states (batch, tokens, {self.hidden_size}), "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        b, t, d = hidden_states.shape
+        x = hidden_states.reshape(b * t, d)
+        token_regions = None
+        if region_ids is not None:
+            region_ids = validate_region_ids(region_ids.to(x.device), b, self.num_regions)
+            token_regions = region_ids.repeat_interleave(t)  # (N,)
+        routed = self.router(x, token_regions)
+        if isinstance(routed, ExpertChoiceOutput):
+            y, info = self._expert_choice(x, routed, token_regions)
+        else:
+            y = self.experts(x, routed.expert_ids, routed.weights)
+            dropped = 0 if routed.num_dropped is None else int(routed.num_dropped)
+            info = RoutingInfo(
+                routed.expert_ids.detach(),
+                routed.weights.detach(),
+                routed.probs.detach(),
+                token_regions,
+                self.experts.num_experts,
+                dropped,
+            )
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)
+        if self.dense_branch is not None:
+            mix = self.path_mixer(x).softmax(dim=-1)  # (N, 2)
+            y = mix[:, :1] * self.dense_branch(x) + mix[:, 1:] * y
+        return MoEOutput(y.view(b, t, d), routed.aux_losses, info)
+
+    def _expert_choice(
+        self, x: Tensor, routed: ExpertChoiceOutput, token_regions: Tensor | None
+    ) -> tuple[Tensor, RoutingInfo]:
+        num_experts, capacity = routed.token_ids.shape
+        flat_ids = routed.token_ids.reshape(-1)  # (E*C,)
+        buckets = x.index_select(0, flat_ids).view(num_experts, capacity, -1)
+        y = self.experts.forward_buckets(buckets) * routed.weights.unsqueeze(-1)
+        out = torch.zeros_like(x).index_add_(0, flat_ids, y.reshape(-1, x.shape[-1]))
+        chosen = torch.full_like(routed.probs, -1, dtype=torch.long)  # (N, E)
+        expert_col = torch.arange(num_experts, device=x.device).repeat_interleave(capacity)
+        chosen[flat_ids, expert_col] = expert_col
+        weights = torch.zeros_like(routed.probs)
+        weights[flat_ids, expert_col] = routed.weights.reshape(-1).detach().float()
+        dropped = int((chosen < 0).all(dim=-1).sum())
+        info = RoutingInfo(
+            chosen, weights, routed.probs.detach(), token_regions, num_experts, dropped
+        )
+        return out, info

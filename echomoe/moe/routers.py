@@ -1,0 +1,346 @@
+"""Routers: decide which experts see which tokens.
+
+Token-choice routers (:class:`TopKRouter`, :class:`RegionHardRouter`, :class:`RegionSoftRouter`)
+return a :class:`RouterOutput` with ``k`` experts per token and are causal (a token's routing
+depends on that token only), so they can sit inside a decoder LM.  :class:`ExpertChoiceRouter`
+lets each expert pick its tokens from the whole batch; it is balanced by construction but not
+causal, so it refuses to be built for a causal model.
+
+Every router has a weight ``[E, D]`` in the layout of ``transformers``' Mixtral / Qwen2-MoE
+routers, so weights are interchangeable, and an ``num_regions`` attribute used to validate
+region ids.  Region ids are per token, ``-1`` meaning "unknown".
+
+Axis legend: ``N`` tokens, ``D`` hidden size, ``E`` experts, ``k`` experts per token,
+``R`` regions, ``C`` tokens per expert (expert-choice capacity).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from echomoe.moe.losses import load_balancing_loss, region_alignment_loss, router_z_loss
+
+
+@dataclass
+class RouterOutput:
+    """What a token-choice router decided for ``N`` tokens.
+
+    Attributes:
+        logits: ``(N, E)`` router logits after any region bias or mask (fp32).
+        probs: ``(N, E)`` softmax of ``logits``.
+        expert_ids: ``(N, k)`` int64 chosen experts; ``-1`` = assignment dropped (capacity).
+        weights: ``(N, k)`` combine weights (0 where dropped).  With ``normalize=True`` each row
+            of kept weights sums to 1 before drops are applied.
+        aux_losses: raw auxiliary losses, e.g. ``{"balance", "z"}`` (+ ``"region"``).
+        num_dropped: scalar count of dropped (token, expert) assignments.
+    """
+
+    logits: Tensor
+    probs: Tensor
+    expert_ids: Tensor
+    weights: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    num_dropped: Tensor | None = None
+
+
+@dataclass
+class ExpertChoiceOutput:
+    """What an expert-choice router decided: each expert's ``C`` tokens and their weights.
+
+    Attributes:
+        logits: ``(N, E)``; probs: ``(N, E)`` token-wise softmax over experts.
+        token_ids: ``(E, C)`` int64 index of the tokens each expert processes.
+        weights: ``(E, C)`` gate value of each chosen (expert, token) pair.
+        aux_losses: raw auxiliary losses (``{"z"}``).
+    """
+
+    logits: Tensor
+    probs: Tensor
+    token_ids: Tensor
+    weights: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _check_num_experts(num_experts: int, top_k: int) -> None:
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got top_k={top_k}")
+
+
+def default_region_experts(num_regions: int, num_experts: int, group_size: int) -> list[list[int]]:
+    """Give each region ``group_size`` consecutive experts, wrapping around.
+
+    With ``E >= R * group_size`` the groups are disjoint; otherwise regions share experts in a
+    fixed round-robin pattern (e.g. 7 regions, 8 experts, groups of 2: region 0 -> {0, 1},
+    1 -> {2, 3}, 2 -> {4, 5}, 3 -> {6, 7}, 4 -> {0, 1}, ...).
+    """
+    size = min(group_size, num_experts)
+    return [[(r * size + j) % num_experts for j in range(size)] for r in range(num_regions)]
+
+
+def region_mask_from_experts(
+    region_experts: Sequence[Sequence[int]], num_experts: int, min_size: int
+) -> Tensor:
+    """``(R, E)`` boolean mask from per-region expert lists, validated."""
+    mask = torch.zeros(len(region_experts), num_experts, dtype=torch.bool)
+    for r, experts in enumerate(region_experts):
+        experts = list(experts)
+        bad = [e for e in experts if not 0 <= int(e) < num_experts]
+        if bad:
+            raise ValueError(
+                f"region_experts[{r}] names experts {bad} outside [0, {num_experts})"
+            )
+        if len(set(experts)) < min_size:
+            raise ValueError(
+                f"region_experts[{r}] has {len(set(experts))} distinct experts; top_k={min_size} "
+                "needs at least that many"
+            )
+        mask[r, experts] = True
+    return mask
+
+
+def _capacity_drop(
+    expert_ids: Tensor, weights: Tensor, num_experts: int, capacity: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep at most ``capacity`` assignments per expert, in token order (slot 0 first).
+
+    Returns ``(expert_ids, weights, num_dropped)`` with dropped entries set to ``-1`` / ``0``.
+    """
+    n, k = expert_ids.shape
+    # Priority: all first choices (in token order) before any second choice, as in Switch/GShard.
+    flat = expert_ids.t().reshape(-1)  # (k*N,) slot-major
+    one_hot = F.one_hot(flat, num_experts)
+    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # rank within its expert
+    keep = (position < capacity).view(k, n).t()
+    dropped = (~keep).sum()
+    return expert_ids.masked_fill(~keep, -1), weights.masked_fill(~keep, 0.0), dropped
+
+
+class TopKRouter(nn.Module):
+    """Token-choice top-k router (Mixtral / Qwen2-MoE rule).
+
+    ``softmax(x W^T)`` in fp32 -> top-k -> optionally renormalise the k weights to sum to 1.
+
+    Args:
+        hidden_size: ``D``.
+        num_experts: ``E``.
+        top_k: ``k`` experts per token, ``1 <= k <= E``.
+        normalize: renormalise the top-k weights (Mixtral: yes; Qwen2-MoE: config flag).
+        jitter: multiplicative uniform noise ``U(1-j, 1+j)`` on the router input in training
+            (Switch Transformer); 0 disables it.
+        capacity_factor: if set, each expert keeps at most ``ceil(cf * N * k / E)``
+            assignments and the rest are dropped (counted in ``num_dropped``).  ``None`` =
+            dropless (default).
+        num_regions: number of valid region ids (used for validation and statistics).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        normalize: bool = True,
+        jitter: float = 0.0,
+        capacity_factor: float | None = None,
+        num_regions: int = 7,
+    ) -> None:
+        super().__init__()
+        _check_num_experts(num_experts, top_k)
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.normalize = normalize
+        self.jitter = jitter
+        self.capacity_factor = capacity_factor
+        self.num_regions = num_regions
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+
+    @property
+    def active_experts_per_token(self) -> float:
+        return float(self.top_k)
+
+    def compute_logits(self, x: Tensor, region_ids: Tensor | None) -> Tensor:
+        """``(N, D) -> (N, E)`` fp32 logits. Subclasses add region terms here."""
+        return F.linear(x, self.weight).float()
+
+    def region_losses(self, probs: Tensor, region_ids: Tensor | None) -> dict[str, Tensor]:
+        return {}
+
+    def forward(self, x: Tensor, region_ids: Tensor | None = None) -> RouterOutput:
+        """Route ``x (N, D)``; ``region_ids (N,)`` or ``None``."""
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = self.compute_logits(x, region_ids)  # (N, E)
+        probs = logits.softmax(dim=-1)
+        # Select on logits, not probs: a masked (-inf) expert must never tie with an allowed
+        # expert whose probability underflowed to 0.
+        expert_ids = logits.topk(self.top_k, dim=-1).indices  # (N, k)
+        weights = probs.gather(1, expert_ids)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        num_dropped = None
+        if self.capacity_factor is not None:
+            n = x.shape[0]
+            capacity = math.ceil(self.capacity_factor * n * self.top_k / self.num_experts)
+            expert_ids, weights, num_dropped = _capacity_drop(
+                expert_ids, weights, self.num_experts, capacity
+            )
+        aux = {
+            "balance": load_balancing_loss(probs, expert_ids, self.num_experts),
+            "z": router_z_loss(logits),
+            **self.region_losses(probs, region_ids),
+        }
+        return RouterOutput(logits, probs, expert_ids, weights.to(x.dtype), aux, num_dropped)
+
+
+class _RegionRouter(TopKRouter):
+    """A token router that knows which experts each anatomical region owns.
+
+    Subclasses set ``learns_region_bias`` to get a learned ``(R, E)`` logit bias.
+
+    Args:
+        region_experts: one list of expert ids per region (each at least ``top_k`` long);
+            default :func:`default_region_experts` with groups of ``max(top_k, E // R)``.
+        (other arguments as :class:`TopKRouter`)
+    """
+
+    learns_region_bias = False
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        num_regions: int = 7,
+        region_experts: Sequence[Sequence[int]] | None = None,
+        normalize: bool = True,
+        jitter: float = 0.0,
+        capacity_factor: float | None = None,
+    ) -> None:
+        super().__init__(
+            hidden_size,
+            num_experts,
+            top_k,
+            normalize=normalize,
+            jitter=jitter,
+            capacity_factor=capacity_factor,
+            num_regions=num_regions,
+        )
+        if region_experts is None:
+            group = max(top_k, num_experts // max(num_regions, 1))
+            region_experts = default_region_experts(num_regions, num_experts, group)
+        if len(region_experts) != num_regions:
+            raise ValueError(
+                f"region_experts lists {len(region_experts)} regions, num_regions={num_regions}"
+            )
+        mask = region_mask_from_experts(region_experts, num_experts, top_k)
+        self.register_buffer("region_mask", mask, persistent=False)  # (R, E)
+        if self.learns_region_bias:
+            self.region_bias = nn.Parameter(torch.zeros(num_regions, num_experts))  # (R, E)
+
+
+class RegionHardRouter(_RegionRouter):
+    """Each anatomical region owns a subset of experts; top-k is taken within that subset.
+
+    Logits of experts outside a token's region are masked to ``-inf`` before the softmax, so a
+    token of region ``r`` can only ever reach ``region_experts[r]``.  Tokens with an unknown
+    region (``-1``) route over all experts.  Arguments as :class:`_RegionRouter`.
+    """
+
+    def compute_logits(self, x: Tensor, region_ids: Tensor | None) -> Tensor:
+        logits = super().compute_logits(x, region_ids)
+        if region_ids is None:
+            return logits
+        allowed = self.region_mask[region_ids.clamp_min(0)]  # (N, E)
+        allowed = allowed | (region_ids < 0).unsqueeze(-1)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+
+class RegionSoftRouter(_RegionRouter):
+    """Token router plus a learned per-region logit bias, and a region-alignment loss.
+
+    ``logits = x W^T + b[region]`` (no bias for unknown regions).  All experts stay reachable;
+    the aux loss ``"region"`` (:func:`region_alignment_loss`) pulls each region's routing mass
+    towards its preferred experts ``region_experts[r]`` (same default as
+    :class:`RegionHardRouter`).  The bias starts at zero.  Arguments as :class:`_RegionRouter`.
+    """
+
+    learns_region_bias = True
+
+    def compute_logits(self, x: Tensor, region_ids: Tensor | None) -> Tensor:
+        logits = super().compute_logits(x, region_ids)
+        if region_ids is None:
+            return logits
+        known = (region_ids >= 0).unsqueeze(-1).to(logits.dtype)
+        return logits + self.region_bias[region_ids.clamp_min(0)].float() * known
+
+    def region_losses(self, probs: Tensor, region_ids: Tensor | None) -> dict[str, Tensor]:
+        return {"region": region_alignment_loss(probs, region_ids, self.region_mask)}
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert-choice routing (Zhou et al., 2022): each expert picks its top-``C`` tokens.
+
+    ``C = ceil(capacity_factor * N / E)`` (capped at ``N``), so every expert processes exactly
+    ``C`` tokens and load is balanced by construction.  A token may be picked by 0..E experts.
+    Choosing among *all* tokens of the batch makes a token's output depend on other (and later)
+    tokens, so this router is for encoders (e.g. the vision tower) only.
+
+    Args:
+        capacity_factor: average number of experts per token (plays the role of ``k``).
+        causal: must be ``False``; ``True`` raises, naming the causal-safe routers.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        *,
+        capacity_factor: float = 2.0,
+        num_regions: int = 7,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        if causal:
+            raise ValueError(
+                "ExpertChoiceRouter is not causal (each expert picks among all tokens, including "
+                "later ones); use it in encoders only, or a token-choice router "
+                "('topk', 'region_hard', 'region_soft') in a causal LM"
+            )
+        _check_num_experts(num_experts, 1)
+        if capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.num_regions = num_regions
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+
+    @property
+    def active_experts_per_token(self) -> float:
+        return float(self.capacity_factor)
+
+    def capacity(self, num_tokens: int) -> int:
+        return min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+
+    def forward(self, x: Tensor, region_ids: Tensor | None = None) -> ExpertChoiceOutput:
+        """Route ``x (N, D)``; region ids are accepted for statistics but not used."""
+        logits = F.linear(x, self.weight).float()  # (N, E)
+        probs = logits.softmax(dim=-1)
+        weights, token_ids = probs.t().topk(self.capacity(x.shape[0]), dim=-1)  # (E, C)
+        return ExpertChoiceOutput(
+            logits, probs, token_ids, weights.to(x.dtype), {"z": router_z_loss(logits)}
+        )

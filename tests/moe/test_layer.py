@@ -1,0 +1,105 @@
+"""MoELayer composition: dense twin, shared expert, dual path, parameter accounting, context."""
+
+import pytest
+import torch
+
+from echomoe.moe import (
+    DenseFFN,
+    GatedMLP,
+    MoEOutput,
+    RoutingContext,
+    build_dense_ffn,
+    build_moe_layer,
+    count_parameters,
+    equal_active_expert_size,
+)
+
+
+def test_dense_and_moe_return_the_same_type():
+    dense = build_dense_ffn(32, 74)
+    moe = build_moe_layer(32, 37, 4, 2)
+    x = torch.randn(2, 5, 32)
+    for layer in (dense, moe):
+        out = layer(x, torch.tensor([0, 1]))
+        assert isinstance(out, MoEOutput) and out.hidden_states.shape == x.shape
+    assert dense(x).aux_losses == {} and dense(x).routing is None
+    assert set(moe(x).aux_losses) == {"balance", "z"}
+
+
+def test_dual_path_is_a_per_token_softmax_mix():
+    layer = build_moe_layer(16, 8, 3, 1, dense_branch_size=12)
+    x = torch.randn(1, 4, 16)
+    out = layer(x).hidden_states
+    flat = x.reshape(-1, 16)
+    routed = layer.router(flat)
+    moe_only = layer.experts(flat, routed.expert_ids, routed.weights)
+    mix = torch.softmax(flat @ layer.path_mixer.weight.T, dim=-1)
+    expected = mix[:, :1] * layer.dense_branch(flat) + mix[:, 1:] * moe_only
+    torch.testing.assert_close(out.reshape(-1, 16), expected)
+
+
+def test_shared_expert_is_sigmoid_gated():
+    layer = build_moe_layer(16, 8, 3, 2, shared_expert_size=10)
+    with torch.no_grad():
+        layer.shared_expert.gate.weight.fill_(-1e4)  # gate -> 0: only routed experts remain
+    x = torch.randn(1, 3, 16).abs()
+    flat = x.reshape(-1, 16)
+    routed = layer.router(flat)
+    torch.testing.assert_close(
+        layer(x).hidden_states.reshape(-1, 16),
+        layer.experts(flat, routed.expert_ids, routed.weights),
+    )
+
+
+def test_equal_active_parameters():
+    hidden, dense_width, k = 32, 96, 2
+    dense = build_dense_ffn(hidden, dense_width)
+    width = equal_active_expert_size(dense_width, k)
+    assert width == 48
+    moe = build_moe_layer(hidden, width, 8, k)
+    d, m = count_parameters(dense), count_parameters(moe)
+    assert m["active"] - m["router"] == d["active"]
+    assert m["total"] == 8 * 3 * hidden * width + 8 * hidden
+    shared = equal_active_expert_size(dense_width, k, shared_expert_size=32)
+    moe_shared = build_moe_layer(hidden, shared, 8, k, shared_expert_size=32)
+    c = count_parameters(moe_shared)
+    assert c["active"] - c["router"] == d["active"]
+    with pytest.raises(ValueError, match="multiple"):
+        equal_active_expert_size(97, 2)
+
+
+def test_layer_validates_its_parts():
+    with pytest.raises(ValueError, match="experts"):
+        from echomoe.moe import GroupedExperts, MoELayer, TopKRouter
+
+        MoELayer(router=TopKRouter(16, 4, 2), experts=GroupedExperts(5, 16, 8))
+    layer = build_moe_layer(16, 8, 4, 2)
+    with pytest.raises(TypeError, match="integer"):
+        layer(torch.randn(2, 3, 16), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="shape"):
+        layer(torch.randn(2, 3, 16), torch.tensor([0, 1, 2]))
+
+
+def test_routing_context_reduces_over_layers():
+    ctx = RoutingContext()
+    layers = [build_moe_layer(16, 8, 4, 2) for _ in range(2)]
+    x = torch.randn(1, 3, 16)
+    with ctx.route(torch.tensor([1])):
+        for i, layer in enumerate(layers):
+            ctx.record(f"l{i}", layer(x, ctx.region_ids_for(1)))
+    per_layer = [r.aux_losses["balance"] for r in ctx.records.values()]
+    torch.testing.assert_close(ctx.aux_losses()["balance"], torch.stack(per_layer).mean())
+    torch.testing.assert_close(ctx.aux_losses("sum")["z"],
+                               sum(r.aux_losses["z"] for r in ctx.records.values()))
+    assert ctx.region_ids is None  # restored after the block
+    with pytest.raises(ValueError, match="reduce"):
+        ctx.aux_losses("max")
+    ctx.region_ids = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="region ids"):
+        ctx.region_ids_for(3)
+
+
+def test_dense_ffn_wraps_any_mlp():
+    mlp = GatedMLP(8, 5)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(DenseFFN(mlp)(x).hidden_states, mlp(x))
