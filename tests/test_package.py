@@ -8,7 +8,8 @@ from echomoe.cli import main
 def test_import_is_light():
     code = (
         "import sys, echomoe, echomoe.moe; "
-        "heavy = [m for m in ('wandb', 'deepspeed', 'matplotlib', 'datasets') if m in sys.modules]; "
+        "heavy = [m for m in ('wandb', 'deepspeed', 'matplotlib', 'datasets') "
+        "if m in sys.modules]; "
         "print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

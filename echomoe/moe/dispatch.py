@@ -1,12 +1,10 @@
 """Sorted, grouped-GEMM dispatch of tokens to experts.
 
-The ``grouped_mm`` backend sorts the ``N * k`` (token, expert) assignments by expert, runs one
-grouped GEMM per projection over the jagged groups, and un-permutes the results back to
-``(N, k, D)`` to sum them.  Three small autograd functions keep it lean:
+The ``grouped_mm`` backend sorts the ``N * k`` (token, expert) assignments by expert, gathers
+the token rows in that order (``index_select``), runs one grouped GEMM per projection over the
+jagged groups, and sums each token's rows back with ``index_add`` (no ``(S, D)`` un-permuted
+copy; the backward of each is the other).  Two small autograd functions keep it lean:
 
-* :class:`_DispatchRows` gathers token rows into expert order; its backward un-permutes the
-  gradient and sums the ``k`` copies (a permutation gather plus a reduction, instead of the
-  scatter-add that autograd would use for a duplicated index).
 * :class:`_GroupedLinear` wraps ``torch.nn.functional.grouped_mm``.  Its backward issues one
   grouped GEMM for the input gradient and one for the weight gradient; it also makes the
   incoming gradient contiguous (an expanded, stride-0 gradient makes the built-in backward fail)
@@ -25,36 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _ALIGN_BYTES = 16
-
-
-class _DispatchRows(torch.autograd.Function):
-    """``x[src]`` where ``src = order // k``; backward sums the ``k`` copies of each token."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, src: Tensor, inverse: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x.index_select(0, src)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        grad = grad.index_select(0, inverse)  # back to (token, slot) order
-        return grad.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse``."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -154,21 +122,18 @@ def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, out_groups: int =
     return y.view(num_rows, out_groups, block + pad_block)[..., :block].reshape(num_rows, n_out)
 
 
-def sort_assignments(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+def sort_assignments(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     """Order ``(N, k)`` assignments by expert.
 
-    Returns ``(order, inverse, offsets)``: ``order (S,)`` lists flat assignment indices sorted by
-    expert (stable, so token order is kept within an expert), ``inverse`` is its inverse
-    permutation, and ``offsets (E,)`` int32 are the cumulative group sizes.  Dropped
-    assignments (``-1``) sort last, after ``offsets[-1]``.
+    Returns ``(order, offsets)``: ``order (S,)`` lists flat assignment indices sorted by expert
+    (stable, so tokens stay in order within an expert) and ``offsets (E,)`` int32 are the
+    cumulative group sizes.  Dropped assignments (``-1``) sort last, after ``offsets[-1]``.
     """
     flat = expert_ids.reshape(-1)
     flat = torch.where(flat < 0, num_experts, flat)
     order = flat.argsort(stable=True)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
-    return order, inverse, counts.cumsum(0).to(torch.int32)
+    return order, counts.cumsum(0).to(torch.int32)
 
 
 def grouped_experts_forward(
@@ -199,34 +164,73 @@ def grouped_experts_forward(
     """
     num_tokens, top_k = expert_ids.shape
     num_experts, hidden = w_out.shape[0], w_out.shape[1]
-    gated = activation in ("swiglu", "geglu")
-    order, inverse, offsets = sort_assignments(expert_ids, num_experts)
-    num_kept = int(offsets[-1]) if expert_ids.numel() else 0
-    num_assign = order.numel()
-    if num_kept < num_assign:  # capacity drops: compute the kept rows only
-        order_kept = order[:num_kept]
-    else:
-        order_kept = order
-    xs = _DispatchRows.apply(x, order_kept // top_k, inverse, top_k) if num_kept == num_assign \
-        else x.index_select(0, order_kept // top_k)
-    h = linear(xs, w_in, offsets, 2 if gated else 1)
+    order, offsets = sort_assignments(expert_ids, num_experts)
+    num_kept = int(offsets[-1]) if num_experts else 0
+    if num_kept < order.numel():  # capacity drops: compute the kept rows only
+        order = order[:num_kept]
+    token = order // top_k  # (S,) source token of each sorted row
+    row_weight = weights.reshape(-1).index_select(0, order).unsqueeze(-1)
     group_of_row = None
     if b_in is not None or b_out is not None:
-        group_of_row = expert_ids.reshape(-1).index_select(0, order_kept)
+        group_of_row = expert_ids.reshape(-1).index_select(0, order)
+    out = x.new_zeros(num_tokens, hidden)
+    row_bytes = max(w_in.shape[1], hidden) * x.element_size()
+    chunks = list(_chunks(offsets, row_bytes, x.device))
+    # One split (not a slice per chunk): its backward concatenates the chunks' weight grads once.
+    sizes = [e.stop - e.start for e, _ in chunks]
+    for (experts, rows), w1, w2 in zip(chunks, w_in.split(sizes), w_out.split(sizes), strict=True):
+        tok = token[rows]
+        y = _expert_rows(
+            x.index_select(0, tok),
+            w1,
+            w2,
+            offsets[experts] - rows.start,
+            None if b_in is None else b_in.index_select(0, group_of_row[rows]),
+            None if b_out is None else b_out.index_select(0, group_of_row[rows]),
+            row_weight[rows],
+            activation,
+            linear,
+        )
+        out = out.index_add(0, tok, y.to(x.dtype))
+    return out
+
+
+# Above this many bytes for one intermediate, CPU allocations go to fresh mmap'd pages (glibc's
+# largest mmap threshold is 32 MiB) and page faults dominate; chunks stay below it.
+_CPU_CHUNK_BYTES = 16 * 2**20
+
+
+def _chunks(offsets: Tensor, row_bytes: int, device: torch.device):
+    """Split experts into consecutive chunks whose rows fit in :data:`_CPU_CHUNK_BYTES`.
+
+    Yields ``(expert_slice, row_slice)``.  On accelerators, one chunk (no host sync).
+    """
+    num_experts = offsets.shape[0]
+    if device.type != "cpu":
+        yield slice(0, num_experts), slice(0, None)
+        return
+    ends = offsets.tolist()
+    max_rows = max(1, _CPU_CHUNK_BYTES // row_bytes)
+    first, start = 0, 0
+    for e in range(num_experts):
+        last = e == num_experts - 1
+        if last or ends[e + 1] - start > max_rows:
+            yield slice(first, e + 1), slice(start, ends[e])
+            first, start = e + 1, ends[e]
+
+
+def _expert_rows(xs, w_in, w_out, offsets, b_in, b_out, row_weight, activation, linear):
+    """Expert MLPs on rows sorted by expert: ``(S_c, D) -> (S_c, D)``, weighted."""
+    hidden = w_out.shape[1]
+    h = linear(xs, w_in, offsets, 2 if activation in ("swiglu", "geglu") else 1)
     if b_in is not None:
-        h = h + b_in.index_select(0, group_of_row)
+        h = h + b_in
     a = gated_activation(h, activation)
-    row_weight = weights.reshape(-1).index_select(0, order_kept).unsqueeze(-1)
     # Apply the combine weight on the narrower side of the down projection.
     fold = b_out is None and a.shape[-1] <= hidden
     if fold:
         a = a * row_weight
     y = linear(a, w_out, offsets, 1)
     if b_out is not None:
-        y = y + b_out.index_select(0, group_of_row)
-    if not fold:
-        y = y * row_weight
-    if num_kept < num_assign:
-        y = torch.cat([y, y.new_zeros(num_assign - num_kept, hidden)])
-    out = _PermuteRows.apply(y, inverse, order)  # (S, D) back in (token, slot) order
-    return out.view(num_tokens, top_k, hidden).sum(dim=1)
+        y = y + b_out
+    return y if fold else y * row_weight

@@ -22,15 +22,25 @@ import torch
 
 
 def time_interleaved(
-    candidates: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2
+    candidates: dict[str, Callable[[], object]],
+    repeats: int = 7,
+    warmup: int = 2,
+    min_seconds: float = 0.0,
 ) -> dict[str, dict[str, float]]:
-    """Run each candidate ``warmup`` times, then ``repeats`` interleaved rounds.
+    """Run each candidate ``warmup`` times, then interleaved rounds.
 
-    Returns ``{name: {"median_ms", "min_ms", "max_ms"}}``.
+    At least ``repeats`` rounds, and more for fast candidates, so that each round set lasts at
+    least ``min_seconds`` (estimated from the warm-up).  Returns
+    ``{name: {"median_ms", "min_ms", "max_ms", "rounds"}}``.
     """
+    round_s = 0.0
     for fn in candidates.values():
+        start = time.perf_counter()
         for _ in range(warmup):
             fn()
+        round_s += (time.perf_counter() - start) / max(warmup, 1)
+    if round_s > 0:
+        repeats = max(repeats, int(min_seconds / round_s) + 1)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
@@ -42,6 +52,7 @@ def time_interleaved(
             "median_ms": statistics.median(ts),
             "min_ms": min(ts),
             "max_ms": max(ts),
+            "rounds": len(ts),
         }
         for name, ts in samples.items()
     }

@@ -108,7 +108,7 @@ def run(configs, repeats: int, skip_loop_above: int, with_memory: bool) -> dict:
         for impl in impls:
             module, call = build(impl, *cfg)
             steps[impl] = step_fn(call, module, x, grad)
-        times = time_interleaved(steps, repeats=repeats)
+        times = time_interleaved(steps, repeats=repeats, min_seconds=20.0)
         dense = times["dense"]["median_ms"]
         results = {}
         for impl in impls:
