@@ -283,8 +283,9 @@ class RegionSoftRouter(_RegionRouter):
         logits = super().compute_logits(x, region_ids)
         if region_ids is None:
             return logits
-        known = (region_ids >= 0).unsqueeze(-1).to(logits.dtype)
-        return logits + self.region_bias[region_ids.clamp_min(0)].float() * known
+        bias = self.region_bias[region_ids.clamp_min(0)].float()
+        known = (region_ids >= 0).unsqueeze(-1)
+        return logits + torch.where(known, bias, torch.zeros_like(bias))
 
     def region_losses(self, probs: Tensor, region_ids: Tensor | None) -> dict[str, Tensor]:
         return {"region": region_alignment_loss(probs, region_ids, self.region_mask)}

@@ -84,14 +84,12 @@ def inputs(T: int, D: int, seed: int = 1):
 
 
 def memory_probe(impl: str, cfg: tuple[int, ...]) -> dict:
-    """Peak RSS growth (MiB) of one forward + backward, measured in this (fresh) process."""
+    """Peak RSS growth (MiB) over a cold forward + backward, in this fresh process."""
     T, D, F, E, k = cfg
     module, call = build(impl, *cfg)
     x, grad = inputs(T, D)
     step = step_fn(call, module, x, grad)
-    step()  # first call: one-off allocations (thread pools, kernels)
-    module.zero_grad(set_to_none=True)
-    base = current_rss_mb()
+    base = current_rss_mb()  # cold: nothing cached by an earlier step
     if not reset_peak_rss():
         return {"peak_mb": float("nan")}
     step()
@@ -146,7 +144,8 @@ def table(payload: dict) -> str:
             + [row["results"][i]["peak_mb"] if i in row["results"] else "-" for i in IMPLS]
             for row in payload["configs"]
         ]
-        text += "\n\nPeak memory of one forward + backward (MiB, RSS growth):\n\n"
+        text += "\n\nPeak memory of a cold forward + backward "
+        text += "(MiB of RSS growth, fresh process):\n\n"
         text += markdown_table(["T", "D", "F", "E", "k"] + IMPLS, mem_rows)
     return text
 

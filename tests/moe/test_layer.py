@@ -103,3 +103,13 @@ def test_dense_ffn_wraps_any_mlp():
     mlp = GatedMLP(8, 5)
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(DenseFFN(mlp)(x).hidden_states, mlp(x))
+
+
+def test_router_jitter_only_in_training():
+    layer = build_moe_layer(16, 8, 4, 2, jitter=0.5)
+    x = torch.randn(1, 20, 16)
+    layer.train()
+    a, b = layer.router(x[0]).logits, layer.router(x[0]).logits
+    assert not torch.allclose(a, b)
+    layer.eval()
+    torch.testing.assert_close(layer.router(x[0]).logits, layer.router(x[0]).logits)
