@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from echomoe.moe.dispatch import gated_activation, grouped_experts_forward
+from echomoe.moe.dispatch import gated_activation, grouped_experts_forward, grouped_linear
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 PLAIN_ACTIVATIONS = ("gelu", "relu", "silu")
@@ -136,8 +136,12 @@ class GroupedExperts(nn.Module):
         """
         if self.backend == "loop":
             return self._forward_loop(x, expert_ids, weights)
+        linear = grouped_linear
         if self.backend == "megablocks":
-            return self._forward_megablocks(x, expert_ids, weights)
+            _require_megablocks()
+            if not x.is_cuda:
+                raise RuntimeError("backend='megablocks' needs inputs on a CUDA device")
+            linear = _megablocks_linear
         return grouped_experts_forward(
             x,
             expert_ids,
@@ -147,6 +151,7 @@ class GroupedExperts(nn.Module):
             self.in_bias,
             self.down_bias,
             self.activation,
+            linear=linear,
         )
 
     def _forward_loop(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
@@ -158,22 +163,6 @@ class GroupedExperts(nn.Module):
             y = self.expert(e, x[token]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
-
-    def _forward_megablocks(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
-        _require_megablocks()
-        if not x.is_cuda:
-            raise RuntimeError("backend='megablocks' needs inputs on a CUDA device")
-        return grouped_experts_forward(
-            x,
-            expert_ids,
-            weights,
-            self.w_in,
-            self.down_proj,
-            self.in_bias,
-            self.down_bias,
-            self.activation,
-            linear=_megablocks_linear,
-        )
 
     def forward_buckets(self, x: Tensor) -> Tensor:
         """Apply expert ``e`` to bucket ``e``: ``(E, C, D) -> (E, C, D)`` with batched GEMMs.

@@ -67,6 +67,19 @@ class ExpertChoiceOutput:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
 
 
+def _router_weight(num_experts: int, hidden_size: int) -> nn.Parameter:
+    """A router weight ``[E, D]`` initialised ``N(0, 0.02^2)`` (as transformers' MoE models)."""
+    return nn.Parameter(torch.empty(num_experts, hidden_size).normal_(std=0.02))
+
+
+def refuse_causal(name: str, reason: str) -> None:
+    """The error for a non-causal routing scheme asked to sit in a causal model."""
+    raise ValueError(
+        f"{name} is not causal ({reason}); use it in encoders only, or a token-choice router "
+        "('topk', 'region_hard', 'region_soft') in a causal LM"
+    )
+
+
 def _check_num_experts(num_experts: int, top_k: int) -> None:
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -163,8 +176,7 @@ class TopKRouter(nn.Module):
         self.jitter = jitter
         self.capacity_factor = capacity_factor
         self.num_regions = num_regions
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        nn.init.normal_(self.weight, std=0.02)
+        self.weight = _router_weight(num_experts, hidden_size)
 
     @property
     def active_experts_per_token(self) -> float:
@@ -315,11 +327,7 @@ class ExpertChoiceRouter(nn.Module):
     ) -> None:
         super().__init__()
         if causal:
-            raise ValueError(
-                "ExpertChoiceRouter is not causal (each expert picks among all tokens, including "
-                "later ones); use it in encoders only, or a token-choice router "
-                "('topk', 'region_hard', 'region_soft') in a causal LM"
-            )
+            refuse_causal("ExpertChoiceRouter", "each expert picks among all tokens, later too")
         _check_num_experts(num_experts, 1)
         if capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
@@ -327,8 +335,7 @@ class ExpertChoiceRouter(nn.Module):
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.num_regions = num_regions
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        nn.init.normal_(self.weight, std=0.02)
+        self.weight = _router_weight(num_experts, hidden_size)
 
     @property
     def active_experts_per_token(self) -> float:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from echomoe.moe.experts import GroupedExperts
 from echomoe.moe.layer import MoEOutput, RoutingInfo, validate_region_ids
+from echomoe.moe.routers import refuse_causal
 
 
 class SoftMoE(nn.Module):
@@ -38,10 +39,7 @@ class SoftMoE(nn.Module):
     ) -> None:
         super().__init__()
         if causal:
-            raise ValueError(
-                "SoftMoE is not causal (every slot mixes all tokens of a sample, including later "
-                "ones); use it in encoders only, or a token-choice router in a causal LM"
-            )
+            refuse_causal("SoftMoE", "every slot mixes all tokens of a sample, later ones too")
         if slots_per_expert < 1:
             raise ValueError(f"slots_per_expert must be >= 1, got {slots_per_expert}")
         self.experts = experts
