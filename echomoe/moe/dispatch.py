@@ -177,8 +177,11 @@ def grouped_experts_forward(
     row_bytes = max(w_in.shape[1], hidden) * x.element_size()
     chunks = list(_chunks(offsets, row_bytes, x.device))
     # One split (not a slice per chunk): its backward concatenates the chunks' weight grads once.
+    # A single chunk uses the weights as they are (no split, no concatenation).
     sizes = [e.stop - e.start for e, _ in chunks]
-    for (experts, rows), w1, w2 in zip(chunks, w_in.split(sizes), w_out.split(sizes), strict=True):
+    w_in_parts = w_in.split(sizes) if len(sizes) > 1 else (w_in,)
+    w_out_parts = w_out.split(sizes) if len(sizes) > 1 else (w_out,)
+    for (experts, rows), w1, w2 in zip(chunks, w_in_parts, w_out_parts, strict=True):
         tok = token[rows]
         y = _expert_rows(
             x.index_select(0, tok),
