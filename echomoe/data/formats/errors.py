@@ -1,0 +1,311 @@
+"""Errors, the load report, and the checked file readers shared by the format loaders.
+
+Every loader returns a :class:`LoadResult`.  A bad record raises a subclass of
+:class:`FormatError` whose message names the file and the record (id and/or line number).
+With ``strict=False`` the loader catches it, keeps going and lists the record in
+:attr:`LoadResult.skipped` -- nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from echomoe.data.schema import REGIONS, UltrasoundSample, UnknownRegionError
+
+
+class FormatError(ValueError):
+    """A record (or file) that does not follow its format.
+
+    Attributes:
+        reason: what is wrong, without the location.
+        file: the file the record came from (``None`` until located).
+        record: the record's id (or another name for it), if known.
+        line: 1-based line number in ``file``, if the format has lines.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        file: str | Path | None = None,
+        record: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.reason = reason
+        self.file = None if file is None else str(file)
+        self.record = record
+        self.line = line
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = self.file or "<unknown file>"
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.record is not None:
+            where += f": record {self.record!r}"
+        return f"{where}: {self.reason}"
+
+    def locate(
+        self, file: str | Path | None, record: str | None = None, line: int | None = None
+    ) -> FormatError:
+        """Fill in the location fields that are still unknown (returns ``self``)."""
+        if self.file is None and file is not None:
+            self.file = str(file)
+        if self.record is None:
+            self.record = record
+        if self.line is None:
+            self.line = line
+        self.args = (self._message(),)
+        return self
+
+    def __reduce__(self):
+        kwargs = {"file": self.file, "record": self.record, "line": self.line}
+        return (_rebuild, (type(self), self.reason, kwargs))
+
+
+def _rebuild(cls: type[FormatError], reason: str, kwargs: dict[str, Any]) -> FormatError:
+    return cls(reason, **kwargs)
+
+
+class CorruptImageError(FormatError):
+    """An image file that cannot be read or decoded."""
+
+
+class MissingImageError(CorruptImageError):
+    """An image path that does not exist."""
+
+
+class MissingMaskError(FormatError):
+    """A mask or annotation file that a record needs but that does not exist."""
+
+
+class MaskSizeMismatchError(FormatError):
+    """A mask whose size differs from its image's."""
+
+
+class MaskLabelError(FormatError):
+    """A label mask with values outside ``0 .. num_classes - 1`` or no annotation in it."""
+
+
+class ImageTagMismatchError(FormatError):
+    """A conversation whose number of ``<image>`` tags differs from its number of images."""
+
+
+class MissingFieldError(FormatError):
+    """A required field, column or key that is absent or empty."""
+
+
+class UnknownFieldError(FormatError):
+    """A key that the format does not define."""
+
+
+class InvalidValueError(FormatError):
+    """A field whose value has the wrong type or cannot be parsed."""
+
+
+class MalformedRecordError(FormatError):
+    """A line or file that is not valid JSON / of the expected structure."""
+
+
+class DuplicateIdError(FormatError):
+    """A record id that already occurred earlier in the same source."""
+
+
+class RegionError(FormatError, UnknownRegionError):
+    """A region that is not in :data:`~echomoe.data.schema.REGIONS` (nor ``"unknown"``).
+
+    Also an :class:`~echomoe.data.schema.UnknownRegionError`, so either can be caught.
+    """
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record that a non-strict load left out, and why."""
+
+    file: str
+    record: str | None
+    line: int | None
+    reason: str
+    error: str  # the exception class name, e.g. "MissingMaskError"
+
+    @classmethod
+    def from_error(cls, err: FormatError) -> SkippedRecord:
+        """The skip entry for a (located) :class:`FormatError`."""
+        return cls(err.file or "", err.record, err.line, err.reason, type(err).__name__)
+
+    def __str__(self) -> str:
+        where = self.file + (f":{self.line}" if self.line is not None else "")
+        if self.record is not None:
+            where += f": record {self.record!r}"
+        return f"{where}: {self.error}: {self.reason}"
+
+
+@dataclass
+class LoadResult:
+    """What a loader returns: the samples, and the records it skipped (``strict=False``).
+
+    Iterating, ``len`` and indexing go over :attr:`samples`.
+    """
+
+    samples: list[UltrasoundSample] = field(default_factory=list)
+    skipped: list[SkippedRecord] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[UltrasoundSample]:
+        return iter(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+    def summary(self) -> str:
+        """One line per skipped record after a count line."""
+        lines = [f"loaded {len(self.samples)} samples, skipped {len(self.skipped)}"]
+        lines += [f"  {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+    def to_dataset(self):
+        """The samples as an HF ``datasets.Dataset`` (see :func:`~echomoe.data.to_hf_dataset`)."""
+        from echomoe.data.schema import to_hf_dataset
+
+        return to_hf_dataset(self.samples)
+
+    @contextlib.contextmanager
+    def guard(
+        self, strict: bool, file: str | Path, record: str | None = None, line: int | None = None
+    ) -> Iterator[None]:
+        """Run one record's parsing: a :class:`FormatError` inside is located at
+        ``file``/``record``/``line``, then re-raised (``strict``) or listed in :attr:`skipped`."""
+        try:
+            yield
+        except FormatError as err:
+            err.locate(file, record, line)
+            if strict:
+                raise
+            self.skipped.append(SkippedRecord.from_error(err))
+
+
+# ---------------------------------------------------------------------------------------------
+# checked readers (raise FormatError subclasses without location; LoadResult.guard adds it)
+
+_REGION_ALIASES = {
+    "gynecology": "gynaecology",
+    "obstetrics": "gynaecology",
+    "ob/gyn": "gynaecology",
+    "obgyn": "gynaecology",
+    "fetal": "gynaecology",
+    "cardiac": "heart",
+    "vascular": "vessel",
+    "renal": "kidney",
+    "hepatic": "liver",
+}
+
+
+def check_region(name: Any) -> str:
+    """``name`` normalised (case, spaces, a few aliases) and checked against the region list."""
+    if name is None:
+        return "unknown"
+    if not isinstance(name, str):
+        raise RegionError(f"region must be a string, got {name!r}")
+    norm = name.strip().lower()
+    norm = _REGION_ALIASES.get(norm, norm)
+    if norm != "unknown" and norm not in REGIONS:
+        raise RegionError(f"unknown region {name!r}; valid: {', '.join(REGIONS)} (or 'unknown')")
+    return norm
+
+
+def _open_error(path: Path, what: str, err: Exception) -> CorruptImageError:
+    return CorruptImageError(f"cannot read {what} {str(path)!r} ({type(err).__name__}: {err})")
+
+
+def verify_image(path: Path, what: str = "image") -> tuple[int, int]:
+    """Check that ``path`` exists and is a decodable image; return its ``(width, height)``."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise MissingImageError(f"{what} file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ...
+        raise _open_error(path, what, err) from err
+    return size
+
+
+def read_image(path: Path, what: str = "image", mode: str = "L") -> np.ndarray:
+    """``path`` decoded as a uint8 array (grayscale ``(H, W)`` for ``mode="L"``)."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise MissingImageError(f"{what} file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            if mode == "label" and im.mode in ("L", "P", "I", "I;16", "1"):
+                return np.asarray(im).astype(np.int64)
+            return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ...
+        raise _open_error(path, what, err) from err
+
+
+def read_mask(path: Path, shape: tuple[int, int], what: str = "mask") -> np.ndarray:
+    """A binary mask file (any non-zero pixel is foreground), checked against ``shape``."""
+    if not path.is_file():
+        raise MissingMaskError(f"{what} file {str(path)!r} does not exist")
+    mask = read_image(path, what) > 0
+    check_mask_shape(mask.shape, shape, path)
+    return mask
+
+
+def check_mask_shape(mask_shape: tuple[int, ...], shape: tuple[int, ...], path: Path) -> None:
+    """Raise :class:`MaskSizeMismatchError` unless ``mask_shape == shape`` (both ``(H, W)``)."""
+    if tuple(mask_shape) != tuple(shape):
+        raise MaskSizeMismatchError(
+            f"mask {str(path)!r} is {mask_shape[1]}x{mask_shape[0]} (WxH) but its image is "
+            f"{shape[1]}x{shape[0]}"
+        )
+
+
+def mask_bbox(mask: np.ndarray) -> list[int] | None:
+    """``[x_min, y_min, x_max, y_max]`` (inclusive) of the mask's pixels; ``None`` if empty."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if ys.size == 0:
+        return None
+    return [int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1])]
+
+
+def to_float(value: Any, name: str, *, positive: bool = False) -> float:
+    """``value`` as a finite float (``positive``: > 0), else :class:`InvalidValueError`."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise InvalidValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not np.isfinite(out) or (positive and out <= 0):
+        kind = "a positive number" if positive else "a finite number"
+        raise InvalidValueError(f"{name} must be {kind}, got {value!r}")
+    return out
+
+
+_POINT_SPLIT = re.compile(r"[,\s;]+")
+
+
+def parse_point(value: Any, name: str) -> tuple[float, float]:
+    """A point from ``"x,y"``, ``"x y"`` or a 2-sequence of numbers."""
+    if isinstance(value, str):
+        parts = [p for p in _POINT_SPLIT.split(value.strip().strip("()[]")) if p]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = []
+    if len(parts) != 2:
+        raise InvalidValueError(f"{name} must be a point 'x,y', got {value!r}")
+    return (to_float(parts[0], f"{name}.x"), to_float(parts[1], f"{name}.y"))
