@@ -38,6 +38,7 @@ test: install
 
 bench: install
 	$(PY) experiments/benchmarks/moe_layer.py --out results/moe_layer.json
+	$(PY) experiments/benchmarks/data.py --out results/data.json
 
 lint: install
 	$(PY) -m ruff check echomoe experiments tests

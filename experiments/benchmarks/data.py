@@ -11,7 +11,6 @@ the target of 300 samples/s per core at 128 x 128.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
@@ -68,6 +67,23 @@ def run(n: int, seed: int, image_size: int, repeats: int) -> dict:
             "per_region_samples_per_s": per_region, "environment": environment()}
 
 
+def table(payload: dict) -> str:
+    """The benchmark's Markdown tables and verdict."""
+    parts = markdown_table(
+        ["part", "median ms", "samples/s"],
+        [[k, v["median_ms"], v["samples_per_s"]] for k, v in payload["parts"].items()],
+    )
+    regions = markdown_table(
+        ["region", "samples/s"], [[k, v] for k, v in payload["per_region_samples_per_s"].items()]
+    )
+    verdict = "meets" if payload["meets_target"] else "MISSES"
+    size = payload["image_size"]
+    return (
+        f"{parts}\n\n{regions}\n\n{payload['samples_per_s_per_core']:.0f} samples/s per core at "
+        f"{size}x{size} with all labels ({verdict} the target of {payload['target']:.0f})"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/data.json", help="JSON output path")
@@ -77,16 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     args = parser.parse_args(argv)
     payload = run(args.n, args.seed, args.image_size, args.repeats)
-    print(markdown_table(
-        ["part", "median ms", "samples/s"],
-        [[k, v["median_ms"], v["samples_per_s"]] for k, v in payload["parts"].items()]))
-    print()
-    print(markdown_table(["region", "samples/s"],
-                         [[k, v] for k, v in payload["per_region_samples_per_s"].items()]))
-    verdict = "meets" if payload["meets_target"] else "MISSES"
-    print(f"\n{payload['samples_per_s_per_core']:.0f} samples/s per core at "
-          f"{args.image_size}x{args.image_size} with all labels ({verdict} the target of "
-          f"{TARGET:.0f})", file=sys.stdout)
+    print(table(payload))
     write_json(args.out, payload)
     print(f"wrote {args.out}")
     return payload
