@@ -258,7 +258,8 @@ class _RegionRouter(TopKRouter):
                 f"region_experts lists {len(region_experts)} regions, num_regions={num_regions}"
             )
         mask = region_mask_from_experts(region_experts, num_experts, top_k)
-        self.register_buffer("region_mask", mask, persistent=False)  # (R, E)
+        # (R, E); persistent, so checkpoints carry their region map.
+        self.register_buffer("region_mask", mask)
         if self.learns_region_bias:
             self.region_bias = nn.Parameter(torch.zeros(num_regions, num_experts))  # (R, E)
 

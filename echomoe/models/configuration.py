@@ -1,0 +1,142 @@
+"""``EchoMoEConfig``: the assembled VLM's configuration, saved as JSON beside its weights.
+
+It nests four parts, each a plain dict of keyword arguments for the block that consumes it
+(validated against that block's signature, so an unknown key is an error that lists the valid
+ones), plus the text model's own ``transformers`` config:
+
+* ``vision_config``: ``{"kind": "native", ...VisionTransformer kwargs}`` or
+  ``{"kind": "siglip" | "clip" | "dinov2", "config": {...HF config dict}}`` or
+  ``{"kind": "pretrained", "path": "/local/dir"}``.
+* ``text_config``: any causal-LM ``PretrainedConfig`` (Qwen2, Llama, Mistral, ...).
+* ``moe_config``: ``None`` (dense) or :func:`~echomoe.moe.upcycle.moefy` arguments
+  (``layers``, ``num_experts``, ``top_k``, ``router``, ``intermediate_size``, ...).
+* ``grounding_config``: pixel decoder / mask decoder / heads sizes.
+
+Loss weights multiply the raw named losses when they are summed into the total.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+from echomoe.data.schema import REGIONS
+
+DEFAULT_GROUNDING: dict[str, Any] = {
+    "mask_decoder": "dynamic_conv",  # or "dot_product"
+    "pixel_dim": 32,
+    "output_stride": 4,
+    "intermediate_layers": 2,  # last n ViT blocks feed the pixel decoder
+    "conv_channels": 8,
+    "conv_layers": 3,
+    "num_keypoints": 4,
+    "measure_pairs": [[0, 1], [2, 3]],  # caliper pairs: long axis, short axis
+}
+
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
+    "lm": 1.0,
+    "seg_bce": 2.0,
+    "seg_dice": 0.5,
+    "box_l1": 1.0,
+    "box_giou": 1.0,
+    "keypoint": 1.0,
+    "moe_balance": 0.01,
+    "moe_z": 0.001,
+    "moe_region": 0.01,
+    "region_cls": 0.1,
+}
+
+SPECIAL_TOKENS = ("image", "seg", "det", "kpt")
+
+
+def _merge_known(name: str, given: dict[str, Any] | None, defaults: dict[str, Any]) -> dict:
+    """``defaults`` updated with ``given``; unknown keys are an error listing the valid ones."""
+    unknown = sorted(set(given or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {name} keys {unknown}; valid: {sorted(defaults)}")
+    return {**copy.deepcopy(defaults), **(given or {})}
+
+
+class EchoMoEConfig(PretrainedConfig):
+    """Configuration of :class:`~echomoe.models.modeling.EchoMoEForConditionalGeneration`.
+
+    Args:
+        vision_config: see the module docstring.
+        text_config: a causal-LM config (object or dict with ``model_type``).
+        moe_config: ``moefy`` keyword arguments, or ``None`` for a dense LM.
+        grounding_config: overrides of :data:`DEFAULT_GROUNDING`.
+        projector_pool: 2x2-pool image tokens in the projector.
+        image_size: input side in pixels (images are resized to it by the processor).
+        in_channels: 1 (grayscale ultrasound) or 3.
+        regions: region names; their indices are routing ids.
+        predict_region: use the region classifier's prediction when no region id is given.
+        image_token_id, seg_token_id, det_token_id, kpt_token_id: tokenizer ids.
+        loss_weights: overrides of :data:`DEFAULT_LOSS_WEIGHTS`.
+    """
+
+    model_type = "echomoe"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: dict[str, Any] | None = None,
+        text_config: PretrainedConfig | dict[str, Any] | None = None,
+        moe_config: dict[str, Any] | None = None,
+        grounding_config: dict[str, Any] | None = None,
+        projector_pool: bool = False,
+        image_size: int = 64,
+        in_channels: int = 1,
+        regions: list[str] | tuple[str, ...] = REGIONS,
+        predict_region: bool = True,
+        image_token_id: int = 3,
+        seg_token_id: int = 4,
+        det_token_id: int = 5,
+        kpt_token_id: int = 6,
+        loss_weights: dict[str, float] | None = None,
+        **kwargs,
+    ) -> None:
+        self.vision_config = copy.deepcopy(vision_config) or {
+            "kind": "native", "patch_size": 8, "hidden_size": 64, "depth": 2, "num_heads": 4,
+        }
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            model_type = text_config.pop("model_type", "qwen2")
+            text_config = AutoConfig.for_model(model_type, **text_config)
+        elif text_config is None:
+            text_config = AutoConfig.for_model(
+                "qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                tie_word_embeddings=False,
+            )
+        self.text_config = text_config
+        self.moe_config = copy.deepcopy(moe_config)
+        self.grounding_config = _merge_known("grounding_config", grounding_config,
+                                             DEFAULT_GROUNDING)
+        self.loss_weights = _merge_known("loss_weights", loss_weights, DEFAULT_LOSS_WEIGHTS)
+        self.projector_pool = projector_pool
+        self.image_size = image_size
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        self.in_channels = in_channels
+        self.regions = list(regions)
+        self.predict_region = predict_region
+        self.image_token_id = image_token_id
+        self.seg_token_id = seg_token_id
+        self.det_token_id = det_token_id
+        self.kpt_token_id = kpt_token_id
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.regions)
+
+    @property
+    def hidden_size(self) -> int:
+        """The language model's hidden size (used by generation utilities)."""
+        return self.text_config.hidden_size
+
+    def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
+        return self.text_config

@@ -1,0 +1,384 @@
+"""``EchoMoEForConditionalGeneration``: vision encoder + region-routed MoE LM + grounding heads.
+
+Data flow (see ``DESIGN.md``)::
+
+    pixel_values ─► vision encoder ─► tokens ─► projector ─► image embeddings ──┐
+                        └─ intermediates ─► pixel decoder ─► pixel features      │
+    region ids (given, or predicted from pooled tokens) ─► routing context      ▼
+    input_ids ─► embeddings, each <image> placeholder replaced by one image token ─► causal LM
+    LM last hidden at [SEG] / [DET] / [KPT] ─► mask decoder / box head / keypoint head
+
+``forward`` returns the total loss, the raw named losses (``lm``, ``seg_bce``, ``seg_dice``,
+``box_l1``, ``box_giou``, ``keypoint``, ``moe_balance``, ``moe_z``, ``moe_region``,
+``region_cls``; each present when its inputs are), logits, grounding predictions and routing.
+The total is ``sum(config.loss_weights[name] * loss)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.utils import ModelOutput
+
+from echomoe.grounding import (
+    BoxHead,
+    DotProductMaskHead,
+    DynamicConvMaskDecoder,
+    KeypointHead,
+    PixelDecoder,
+    box_loss,
+    keypoint_loss,
+    mask_loss,
+)
+from echomoe.models.configuration import EchoMoEConfig
+from echomoe.moe.context import RoutingContext
+from echomoe.moe.layer import RoutingInfo, validate_region_ids
+from echomoe.moe.upcycle import moefy
+from echomoe.vision import HFVisionEncoder, Projector, RegionClassifier, VisionTransformer
+
+_MOE_LOSS_NAMES = {"balance": "moe_balance", "z": "moe_z", "region": "moe_region"}
+
+
+@dataclass
+class EchoMoEOutput(ModelOutput):
+    """Output of :class:`EchoMoEForConditionalGeneration`.
+
+    Attributes:
+        loss: weighted total (``None`` without labels / targets).
+        losses: raw named losses.
+        logits: ``(B, T, V)``.
+        past_key_values: the LM cache.
+        pred_masks: ``(B, H, W)`` mask logits at each sample's first ``[SEG]`` (0 without one).
+        pred_boxes: ``(B, 4)`` normalised ``(cx, cy, w, h)`` at ``[DET]``.
+        pred_keypoints: ``(B, K, 2)`` normalised points at ``[KPT]``.
+        region_logits: ``(B, R)`` region classifier logits (when images were given).
+        region_ids: ``(B,)`` the region ids the experts were routed with.
+        routing: per-layer :class:`~echomoe.moe.layer.RoutingInfo` of the LM's MoE layers.
+    """
+
+    loss: Tensor | None = None
+    losses: dict[str, Tensor] | None = None
+    logits: Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    pred_masks: Tensor | None = None
+    pred_boxes: Tensor | None = None
+    pred_keypoints: Tensor | None = None
+    region_logits: Tensor | None = None
+    region_ids: Tensor | None = None
+    routing: dict[str, RoutingInfo] | None = None
+
+
+def build_vision_encoder(config: EchoMoEConfig) -> nn.Module:
+    """The image encoder described by ``config.vision_config``."""
+    spec = dict(config.vision_config)
+    kind = spec.pop("kind", "native")
+    if kind == "native":
+        return VisionTransformer(image_size=config.image_size, in_channels=config.in_channels,
+                                 **spec)
+    if kind == "pretrained":
+        return HFVisionEncoder.from_pretrained(spec["path"])
+    if kind in ("siglip", "clip", "dinov2"):
+        model_type = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}.get(kind, kind)
+        hf_config = AutoConfig.for_model(model_type, **spec.get("config", {}))
+        return HFVisionEncoder.from_config(hf_config)
+    raise ValueError(
+        f"unknown vision_config kind {kind!r}; valid: native, pretrained, siglip, clip, dinov2"
+    )
+
+
+class EchoMoEPreTrainedModel(PreTrainedModel):
+    config_class = EchoMoEConfig
+    base_model_prefix = "echomoe"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Every submodule initialises itself on construction; loading fills the rest.
+        return
+
+
+class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
+    """The echomoe vision-language model (see the module docstring)."""
+
+    def __init__(self, config: EchoMoEConfig) -> None:
+        super().__init__(config)
+        g = config.grounding_config
+        self.vision = build_vision_encoder(config)
+        vision_dim, lm_dim = self.vision.hidden_size, config.text_config.hidden_size
+        self.projector = Projector(vision_dim, lm_dim, pool=config.projector_pool)
+        self.region_classifier = RegionClassifier(vision_dim, config.num_regions)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        if config.moe_config:
+            moe = {"num_regions": config.num_regions, **config.moe_config}
+            self.routing_context = moefy(self.language_model, **moe)
+        else:
+            self.routing_context = RoutingContext()
+        n_maps = g["intermediate_layers"]
+        self.pixel_decoder = PixelDecoder(
+            in_channels=[vision_dim] * n_maps, dim=g["pixel_dim"],
+            input_stride=self.vision.patch_size, output_stride=g["output_stride"],
+        )
+        if g["mask_decoder"] == "dynamic_conv":
+            self.mask_decoder: nn.Module = DynamicConvMaskDecoder(
+                hidden_size=lm_dim, in_channels=self.pixel_decoder.out_channels,
+                conv_channels=g["conv_channels"], num_layers=g["conv_layers"],
+            )
+        elif g["mask_decoder"] == "dot_product":
+            self.mask_decoder = DotProductMaskHead(
+                hidden_size=lm_dim, in_channels=self.pixel_decoder.out_channels
+            )
+        else:
+            raise ValueError(
+                f"unknown mask_decoder {g['mask_decoder']!r}; valid: dynamic_conv, dot_product"
+            )
+        self.box_head = BoxHead(hidden_size=lm_dim)
+        self.keypoint_head = KeypointHead(hidden_size=lm_dim, num_keypoints=g["num_keypoints"])
+        self.post_init()
+
+    # -- HF plumbing ----------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    @property
+    def tokens_per_image(self) -> int:
+        n = self.vision.num_patches(self.config.image_size)
+        return n // 4 if self.config.projector_pool else n
+
+    # -- images ---------------------------------------------------------------------------
+    def _flatten_images(self, pixel_values: Tensor, image_counts: Tensor | None) -> tuple:
+        """``(B, N, C, H, W)`` or ``(B, C, H, W)`` -> ``(M, C, H, W)`` valid images + counts."""
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values.unsqueeze(1)
+        if pixel_values.dim() != 5:
+            raise ValueError(
+                "pixel_values must be (batch, images, channels, H, W) or (batch, channels, H, W),"
+                f" got shape {tuple(pixel_values.shape)}"
+            )
+        b, n, c, h, w = pixel_values.shape
+        size = self.config.image_size
+        if c not in (1, self.config.in_channels) or (h, w) != (size, size):
+            raise ValueError(
+                f"pixel_values must have {self.config.in_channels} channel(s) and size "
+                f"{size}x{size}, got {c} channel(s) of {h}x{w}"
+            )
+        if image_counts is None:
+            image_counts = torch.full((b,), n, dtype=torch.long, device=pixel_values.device)
+        keep = torch.arange(n, device=pixel_values.device)[None, :] < image_counts[:, None]
+        return pixel_values[keep], image_counts
+
+    def encode_images(self, pixel_values: Tensor, image_counts: Tensor | None = None) -> dict:
+        """Vision tokens, projected embeddings, pixel features of each sample's first image."""
+        images, counts = self._flatten_images(pixel_values, image_counts)
+        n_maps = self.config.grounding_config["intermediate_layers"]
+        tokens, maps = self.vision.forward_intermediates(images, n_maps)
+        first = torch.cumsum(counts, 0) - counts  # index of each sample's first image
+        first_tokens = tokens[first]
+        return {
+            "embeds": self.projector(tokens),  # (M, P, D_lm)
+            "counts": counts,
+            "pooled_tokens": first_tokens,  # (B, P, C_v)
+            "pixel_features": self.pixel_decoder([m[first] for m in maps]),
+        }
+
+    def _merge_image_embeds(self, input_ids: Tensor, embeds: Tensor, image_embeds: Tensor,
+                            counts: Tensor) -> Tensor:
+        is_image = input_ids == self.config.image_token_id  # (B, T)
+        expected = counts * image_embeds.shape[1]
+        found = is_image.sum(dim=1)
+        if not torch.equal(found, expected):
+            bad = int((found != expected).nonzero()[0, 0])
+            raise ValueError(
+                f"sample {bad}: {int(found[bad])} <image> tokens in input_ids but "
+                f"{int(counts[bad])} image(s) x {image_embeds.shape[1]} tokens per image = "
+                f"{int(expected[bad])} expected (use the processor to expand <image>)"
+            )
+        flat = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(is_image.unsqueeze(-1), flat)
+
+    # -- task tokens ------------------------------------------------------------------------
+    @staticmethod
+    def _first_position(input_ids: Tensor, token_id: int) -> tuple[Tensor, Tensor]:
+        """``(has_token (B,), position (B,))`` of each row's first ``token_id``."""
+        hit = input_ids == token_id
+        return hit.any(dim=1), hit.float().argmax(dim=1)
+
+    def _task_hidden(self, hidden: Tensor, input_ids: Tensor, token_id: int):
+        has, pos = self._first_position(input_ids, token_id)
+        return has, hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        region_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        masks: Tensor | None = None,
+        boxes: Tensor | None = None,
+        keypoints: Tensor | None = None,
+        *,
+        image_counts: Tensor | None = None,
+        has_mask: Tensor | None = None,
+        has_box: Tensor | None = None,
+        has_keypoints: Tensor | None = None,
+        past_key_values: Any = None,
+        position_ids: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> EchoMoEOutput:
+        """Run the VLM. Shapes: ``input_ids (B, T)``, ``pixel_values (B, N, C, H, W)``,
+        ``region_ids (B,)`` (-1 unknown), ``labels (B, T)`` (-100 ignored), ``masks (B, H, W)``,
+        ``boxes (B, 4)`` normalised ``(cx, cy, w, h)``, ``keypoints (B, K, 2)`` normalised;
+        ``has_*`` ``(B,)`` flags (default: all samples have the target when it is given).
+        Extra collator keys (``task_ids``, ``pixel_spacing``, ``original_sizes``) are ignored.
+        """
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        b = input_ids.shape[0]
+        embeds = self.get_input_embeddings()(input_ids)
+        losses: dict[str, Tensor] = {}
+        images = None
+        region_logits = None
+        if region_ids is not None:
+            region_ids = validate_region_ids(region_ids.to(input_ids.device), b,
+                                             self.config.num_regions)
+        if pixel_values is not None:
+            images = self.encode_images(pixel_values, image_counts)
+            embeds = self._merge_image_embeds(input_ids, embeds, images["embeds"],
+                                              images["counts"])
+            region_logits = self.region_classifier(images["pooled_tokens"])
+            if region_ids is not None and (region_ids >= 0).any():
+                losses["region_cls"] = self.region_classifier.loss(region_logits, region_ids)
+            if region_ids is None and self.config.predict_region:
+                region_ids = region_logits.argmax(dim=-1).detach()
+            for key, value in self.vision.aux_losses.items():
+                losses[f"vision_{_MOE_LOSS_NAMES.get(key, key)}"] = value
+        elif (input_ids == self.config.image_token_id).any() and past_key_values is None:
+            raise ValueError("input_ids contain <image> tokens but no pixel_values were given")
+
+        grounding = masks is not None or boxes is not None or keypoints is not None
+        need_hidden = grounding or images is not None
+        with self.routing_context.route(region_ids):
+            out = self.language_model(
+                inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                past_key_values=past_key_values, position_ids=position_ids,
+                use_cache=use_cache, output_hidden_states=need_hidden,
+                logits_to_keep=logits_to_keep,
+            )
+        if labels is not None:
+            losses["lm"] = out.loss
+        for key, value in self.routing_context.aux_losses().items():
+            losses[_MOE_LOSS_NAMES.get(key, f"moe_{key}")] = value
+
+        preds = self._ground(input_ids, out.hidden_states, images, masks, boxes, keypoints,
+                             has_mask, has_box, has_keypoints, losses) if need_hidden else {}
+        weights = self.config.loss_weights
+        supervised = labels is not None or grounding
+        total = None
+        if supervised and losses:
+            total = sum(weights.get(k.removeprefix("vision_"), 1.0) * v for k, v in losses.items())
+        return EchoMoEOutput(
+            loss=total, losses=losses, logits=out.logits, past_key_values=out.past_key_values,
+            pred_masks=preds.get("masks"), pred_boxes=preds.get("boxes"),
+            pred_keypoints=preds.get("keypoints"), region_logits=region_logits,
+            region_ids=region_ids, routing=self.routing_context.routing(),
+        )
+
+    def _ground(self, input_ids, hidden_states, images, masks, boxes, keypoints, has_mask,
+                has_box, has_keypoints, losses) -> dict[str, Tensor]:
+        hidden = hidden_states[-1]  # (B, T, D_lm)
+        preds: dict[str, Tensor] = {}
+        cfg = self.config
+        has_seg, seg_h = self._task_hidden(hidden, input_ids, cfg.seg_token_id)
+        if masks is not None:
+            has_mask = _flags(has_mask, masks.shape[0], masks.device)
+            missing = has_mask & ~has_seg
+            if missing.any():
+                raise ValueError(
+                    f"sample {int(missing.nonzero()[0, 0])} has a mask target but no [SEG] token "
+                    f"(id {cfg.seg_token_id}) in input_ids"
+                )
+            if images is None:
+                raise ValueError("mask targets need pixel_values")
+        if images is not None and (has_seg.any() or masks is not None):
+            logits = self.mask_decoder(seg_h, images["pixel_features"], cfg.image_size)
+            preds["masks"] = logits * has_seg[:, None, None].to(logits.dtype)
+            if masks is not None:
+                losses.update(mask_loss(logits, masks.to(logits.dtype), has_mask & has_seg,
+                                        bce_weight=1.0, dice_weight=1.0))
+        has_det, det_h = self._task_hidden(hidden, input_ids, cfg.det_token_id)
+        if has_det.any() or boxes is not None:
+            preds["boxes"] = self.box_head(det_h)
+            if boxes is not None:
+                flags = _flags(has_box, boxes.shape[0], boxes.device) & has_det
+                losses.update(box_loss(preds["boxes"], boxes.to(hidden.dtype), flags))
+        has_kpt, kpt_h = self._task_hidden(hidden, input_ids, cfg.kpt_token_id)
+        if has_kpt.any() or keypoints is not None:
+            preds["keypoints"] = self.keypoint_head(kpt_h)
+            if keypoints is not None:
+                flags = _flags(has_keypoints, keypoints.shape[0], keypoints.device) & has_kpt
+                losses.update(keypoint_loss(preds["keypoints"], keypoints.to(hidden.dtype),
+                                            flags))
+        return preds
+
+    # -- generation -------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, is_first_iteration=False,
+                                      pixel_values=None, image_counts=None, region_ids=None,
+                                      **kwargs):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
+        )
+        if is_first_iteration or past_key_values is None:
+            inputs["pixel_values"] = pixel_values
+            inputs["image_counts"] = image_counts
+        inputs["region_ids"] = region_ids
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, *args, **kwargs
+        )
+        # Keep routing with the prefill's (given or predicted) regions at every decoding step.
+        if outputs.region_ids is not None:
+            model_kwargs["region_ids"] = outputs.region_ids
+        return model_kwargs
+
+
+def _flags(flags: Tensor | None, batch: int, device) -> Tensor:
+    if flags is None:
+        return torch.ones(batch, dtype=torch.bool, device=device)
+    return flags.to(device=device, dtype=torch.bool)
+
+
+def masks_from_logits(mask_logits: Tensor, threshold: float = 0.0) -> Tensor:
+    """Boolean ``(B, H, W)`` masks from mask logits (``> threshold``)."""
+    return mask_logits > threshold
+
+
+# HF auto classes: AutoConfig / AutoModelForImageTextToText resolve "echomoe" checkpoints.
+AutoConfig.register(EchoMoEConfig.model_type, EchoMoEConfig, exist_ok=True)
+AutoModelForImageTextToText.register(EchoMoEConfig, EchoMoEForConditionalGeneration, exist_ok=True)

@@ -1,0 +1,156 @@
+"""The assembled VLM: forward, losses, gradients, save/load, generate, routing, bad input."""
+
+import pytest
+import torch
+
+from echomoe.models.configuration import EchoMoEConfig
+from echomoe.models.modeling import EchoMoEForConditionalGeneration
+
+IMAGE = 3
+SEG, DET, KPT = 4, 5, 6
+VISION = {"kind": "native", "patch_size": 8, "hidden_size": 48, "depth": 2, "num_heads": 4}
+MOE = {
+    "dense": None,
+    "topk": {"num_experts": 4, "top_k": 2, "upcycle": False, "intermediate_size": 64},
+    "region_hard": {"num_experts": 4, "top_k": 1, "router": "region_hard", "upcycle": False,
+                    "intermediate_size": 64,
+                    "region_experts": [[0], [1], [2], [3], [0], [1], [2]]},
+    "dual_path": {"num_experts": 4, "top_k": 2, "upcycle": False, "intermediate_size": 32,
+                  "dense_branch_size": 64},
+}
+
+
+def make_model(variant="topk", **overrides):
+    torch.manual_seed(0)
+    cfg = EchoMoEConfig(image_size=32, vision_config=VISION, moe_config=MOE[variant], **overrides)
+    return EchoMoEForConditionalGeneration(cfg)
+
+
+def batch(model, b=2, images=1):
+    p = model.tokens_per_image
+    gen = torch.Generator().manual_seed(1)
+    text = torch.randint(10, 500, (b, 6), generator=gen)
+    ids = torch.cat([torch.full((b, p * images), IMAGE), text[:, :3],
+                     torch.full((b, 1), SEG), torch.full((b, 1), DET), torch.full((b, 1), KPT),
+                     text[:, 3:]], dim=1)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.rand(b, images, 1, 32, 32, generator=gen),
+        "region_ids": torch.arange(b) % 7,
+        "labels": ids.masked_fill(ids == IMAGE, -100),
+        "masks": (torch.rand(b, 32, 32, generator=gen) > 0.6).float(),
+        "boxes": torch.rand(b, 4, generator=gen) * 0.4 + 0.3,
+        "keypoints": torch.rand(b, 4, 2, generator=gen),
+    }
+
+
+@pytest.mark.parametrize("variant", list(MOE))
+def test_forward_losses_and_gradients(variant):
+    model = make_model(variant)
+    inputs = batch(model)
+    out = model(**inputs)
+    expected = {"lm", "seg_bce", "seg_dice", "box_l1", "box_giou", "keypoint", "region_cls"}
+    if variant != "dense":
+        expected |= {"moe_balance", "moe_z"}
+    assert expected <= set(out.losses)
+    weights = model.config.loss_weights
+    total = sum(weights[k] * v for k, v in out.losses.items())
+    torch.testing.assert_close(out.loss, total)
+    assert out.logits.shape[:2] == inputs["input_ids"].shape
+    assert out.pred_masks.shape == (2, 32, 32) and out.pred_boxes.shape == (2, 4)
+    assert out.pred_keypoints.shape == (2, 4, 2)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_several_images_per_sample():
+    model = make_model("topk")
+    inputs = batch(model, images=3)
+    inputs["image_counts"] = torch.tensor([3, 2])
+    p = model.tokens_per_image
+    inputs["input_ids"][1, 2 * p:3 * p] = 11  # the second sample has two images only
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE, -100)
+    out = model(**inputs)
+    assert torch.isfinite(out.loss)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make_model("region_hard").eval()
+    inputs = {k: batch(model)[k] for k in ("input_ids", "pixel_values", "region_ids")}
+    model.save_pretrained(tmp_path)
+    loaded = EchoMoEForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        a, b = model(**inputs), loaded(**inputs)
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.pred_masks, b.pred_masks)
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_generate_same_tokens_with_and_without_cache():
+    model = make_model("dual_path").eval()
+    p = model.tokens_per_image
+    prompt = torch.cat([torch.full((2, p), IMAGE), torch.randint(10, 500, (2, 4))], dim=1)
+    pixels = torch.rand(2, 1, 1, 32, 32)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = model.generate(input_ids=prompt, pixel_values=pixels, use_cache=True, **kwargs)
+        plain = model.generate(input_ids=prompt, pixel_values=pixels, use_cache=False, **kwargs)
+    assert cached.shape == (2, prompt.shape[1] + 6)
+    assert torch.equal(cached, plain)
+
+
+def test_region_hard_routes_breast_tokens_to_breast_experts():
+    model = make_model("region_hard").eval()
+    inputs = batch(model)
+    inputs["region_ids"] = torch.tensor([0, 5])  # breast -> expert 0; thyroid -> expert 1
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                    region_ids=inputs["region_ids"])
+    for info in out.routing.values():
+        t = inputs["input_ids"].shape[1]
+        assert set(info.expert_ids[:t].unique().tolist()) == {0}
+        assert set(info.expert_ids[t:].unique().tolist()) == {1}
+
+
+def test_predicted_region_routes_when_ids_are_omitted():
+    model = make_model("region_hard").eval()
+    inputs = batch(model)
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    predicted = out.region_logits.argmax(-1)
+    assert torch.equal(out.region_ids, predicted)
+    info = next(iter(out.routing.values()))
+    t = inputs["input_ids"].shape[1]
+    assert torch.equal(info.region_ids, predicted.repeat_interleave(t))
+
+
+def test_registered_with_auto_classes(tmp_path):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    model = make_model("topk")
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), EchoMoEConfig)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert isinstance(loaded, EchoMoEForConditionalGeneration)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = make_model("topk")
+    inputs = batch(model)
+    with pytest.raises(ValueError, match="channel"):
+        model(**{**inputs, "pixel_values": torch.rand(2, 1, 2, 32, 32)})
+    with pytest.raises(ValueError, match="32x32"):
+        model(**{**inputs, "pixel_values": torch.rand(2, 1, 1, 40, 32)})
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        model(**{**inputs, "pixel_values": torch.rand(2, 32, 32)})
+    no_seg = inputs["input_ids"].masked_fill(inputs["input_ids"] == SEG, 12)
+    with pytest.raises(ValueError, match=r"\[SEG\]"):
+        model(**{**inputs, "input_ids": no_seg, "labels": None})
+    with pytest.raises(ValueError, match="out of range"):
+        model(**{**inputs, "region_ids": torch.tensor([0, 7])})
+    short = inputs["input_ids"][:, 1:]
+    with pytest.raises(ValueError, match="<image> tokens"):
+        model(**{**inputs, "input_ids": short, "labels": None, "attention_mask": None})
