@@ -154,3 +154,12 @@ def test_bad_inputs_raise_clear_errors():
     short = inputs["input_ids"][:, 1:]
     with pytest.raises(ValueError, match="<image> tokens"):
         model(**{**inputs, "input_ids": short, "labels": None, "attention_mask": None})
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="valid: "):
+        EchoMoEConfig(grounding_config={"pixel_dims": 8})
+    with pytest.raises(ValueError, match="loss_weights"):
+        EchoMoEConfig(loss_weights={"segbce": 1.0})
+    with pytest.raises(ValueError, match="kind"):
+        EchoMoEForConditionalGeneration(EchoMoEConfig(vision_config={"kind": "resnet"}))
