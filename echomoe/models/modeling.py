@@ -343,6 +343,58 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
                                             flags))
         return preds
 
+    # -- from generated task tokens to pixels -----------------------------------------------
+    @torch.no_grad()
+    def ground(
+        self,
+        sequences: Tensor,
+        pixel_values: Tensor,
+        *,
+        image_counts: Tensor | None = None,
+        region_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        original_sizes: Tensor | None = None,
+        pixel_spacing: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Turn the task tokens in (generated) ``sequences (B, T)`` into pixel predictions.
+
+        Runs one forward over prompt + generated tokens and reads the heads at each row's first
+        ``[SEG]`` / ``[DET]`` / ``[KPT]``.  Returns (keys present when a row has the token):
+
+        * ``has_seg`` / ``has_det`` / ``has_kpt`` ``(B,)`` booleans;
+        * ``masks`` ``(B, S, S)`` boolean at the model's image size ``S``;
+        * ``boxes`` ``(B, 4)`` normalised ``(cx, cy, w, h)`` and ``boxes_xyxy`` ``(B, 4)``
+          pixel edges in ``original_sizes`` (``(B, 2)`` or one ``(H, W)``; default ``S x S``);
+        * ``keypoints`` ``(B, K, 2)`` normalised and ``keypoints_px`` in original pixels;
+        * ``measurements_mm`` ``(B, P)`` for ``grounding_config["measure_pairs"]`` when
+          ``pixel_spacing (B,)`` (mm per original pixel) is given.
+        """
+        from echomoe.grounding.heads import boxes_to_xyxy, keypoints_to_pixels, measure_mm
+
+        out = self(input_ids=sequences, attention_mask=attention_mask, pixel_values=pixel_values,
+                   image_counts=image_counts, region_ids=region_ids)
+        cfg = self.config
+        size = cfg.image_size
+        sizes = original_sizes if original_sizes is not None else torch.tensor([size, size])
+        result = {
+            f"has_{name}": (sequences == token).any(dim=1)
+            for name, token in (("seg", cfg.seg_token_id), ("det", cfg.det_token_id),
+                                ("kpt", cfg.kpt_token_id))
+        }
+        if out.pred_masks is not None:
+            result["masks"] = (out.pred_masks > 0) & result["has_seg"][:, None, None]
+        if out.pred_boxes is not None:
+            result["boxes"] = out.pred_boxes
+            result["boxes_xyxy"] = boxes_to_xyxy(out.pred_boxes, sizes)
+        if out.pred_keypoints is not None:
+            result["keypoints"] = out.pred_keypoints
+            result["keypoints_px"] = keypoints_to_pixels(out.pred_keypoints, sizes)
+            if pixel_spacing is not None:
+                pairs = [tuple(p) for p in cfg.grounding_config["measure_pairs"]]
+                result["measurements_mm"] = measure_mm(out.pred_keypoints, pairs, sizes,
+                                                       pixel_spacing)
+        return result
+
     # -- generation -------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, is_first_iteration=False,

@@ -163,3 +163,21 @@ def test_config_rejects_unknown_keys():
         EchoMoEConfig(loss_weights={"segbce": 1.0})
     with pytest.raises(ValueError, match="kind"):
         EchoMoEForConditionalGeneration(EchoMoEConfig(vision_config={"kind": "resnet"}))
+
+
+def test_ground_turns_task_tokens_into_pixels():
+    model = make_model("topk").eval()
+    inputs = batch(model)
+    seqs = inputs["input_ids"].clone()
+    seqs[1][seqs[1] == KPT] = 12  # row 1 has no [KPT]
+    result = model.ground(seqs, inputs["pixel_values"], original_sizes=torch.tensor([64, 48]),
+                          pixel_spacing=torch.tensor([0.5, 0.5]))
+    assert result["has_kpt"].tolist() == [True, False]
+    assert result["masks"].dtype == torch.bool and result["masks"].shape == (2, 32, 32)
+    cx, cy, w, h = result["boxes"][0].tolist()
+    x0, y0, x1, y1 = result["boxes_xyxy"][0].tolist()
+    assert x0 == pytest.approx((cx - w / 2) * 48, abs=1e-4)
+    assert y1 == pytest.approx((cy + h / 2) * 64, abs=1e-4)
+    pts = result["keypoints_px"][0]
+    expected = torch.hypot(*(pts[1] - pts[0])) * 0.5
+    assert result["measurements_mm"][0, 0].item() == pytest.approx(expected.item(), rel=1e-4)
