@@ -49,6 +49,8 @@ setup(
             "torchmetrics>=1.4",
             "pycocoevalcap>=1.2",
             "sacrebleu>=2.4",
+            "monai>=1.4",
+            "scipy>=1.11",
         ],
         # GPU only: megablocks needs CUDA, triton and stanford-stk.
         "megablocks": ["megablocks>=0.7"],

@@ -7,7 +7,7 @@ from echomoe.cli import main
 
 def test_import_is_light():
     code = (
-        "import sys, echomoe, echomoe.moe; "
+        "import sys, echomoe, echomoe.moe, echomoe.data, echomoe.models, echomoe.metrics; "
         "heavy = [m for m in ('wandb', 'deepspeed', 'matplotlib', 'datasets') "
         "if m in sys.modules]; "
         "print(heavy)"

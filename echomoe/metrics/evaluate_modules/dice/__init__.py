@@ -1,0 +1,1 @@
+"""Package marker so the evaluate module script ships with echomoe (see parent)."""

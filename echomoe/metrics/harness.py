@@ -1,0 +1,564 @@
+"""The evaluation harness: generate, ground and score a model on every task, per region.
+
+::
+
+    from echomoe.metrics.harness import evaluate_model, write_results
+
+    result = evaluate_model(model, processor, samples, tasks=("report", "vqa", "segment"))
+    result.metrics["per_task"]["report"]["bleu4"]
+    result.metrics["per_region"]["thyroid"]["segment"]["dice"]
+    result.records[0]        # {"id", "region", "task", "prompt", "prediction", "reference",
+                             #  "scores": {...}} -- one row per (sample, prompt)
+    result.routing           # per-layer routing report (echomoe.metrics.routing)
+    write_results(result, "runs/eval")   # metrics.json, records.jsonl, metrics.md
+
+How it runs (all deterministic):
+
+1. **Prompts.**  For every task and sample, :func:`echomoe.data.tasks.build_task` with the
+   generator ``default_rng([seed, sample_index, task_index])`` gives the (prompt, reference)
+   pairs (VQA: one per question).  Samples that do not support a task are skipped.
+2. **Generation.**  Batches of ``batch_size`` prompts go through the processor (left padded,
+   with each sample's region as routing id unless ``use_regions=False``) and
+   ``model.generate`` (greedy, ``max_new_tokens``; ``<image>`` is banned as an output token).
+   The text up to the first eos is the prediction.
+3. **Grounding.**  For ``segment`` / ``detect`` / ``measure`` the prompt + generated tokens go
+   through ``model.ground``.  When the model did not emit the task token (``[SEG]`` /
+   ``[DET]`` / ``[KPT]``) it is appended (``force_task_token=True``, the default) so the head
+   is still read out; ``task_token_rate`` reports how often the model emitted it itself.
+4. **Routing.**  One forward over prompt + generation per batch (for grounding tasks, the
+   ``ground`` forward itself) feeds a :class:`~echomoe.metrics.routing.RoutingAccumulator`
+   (padding excluded), so the routing report covers every evaluated token.  Its region x
+   expert matrices count tokens by the samples' *true* regions, also when the router was not
+   given them (``use_regions=False``) or routed with predicted ones.
+5. **Scoring** (each function documented in its module):
+
+   ============ ==============================================================================
+   report       BLEU-1..4, ROUGE-1/2/L, CIDEr-D (:func:`~echomoe.metrics.text.report_metrics`),
+                finding-F1 micro / macro and size error in mm
+                (:mod:`echomoe.metrics.findings`, from the parsed generated report)
+   vqa          :func:`~echomoe.metrics.vqa.vqa_metrics` (closed accuracy, open exact match,
+                token F1)
+   diagnosis    accuracy / macro-F1 of the label read from the generated text
+                (:func:`diagnosis_label`) vs the sample's diagnosis
+   segment      Dice, IoU, HD95 (mm) of the predicted mask vs the reference mask *resized to
+                the model's image size* ``S x S`` (nearest neighbour, as in training); HD95 uses
+                the pixel spacing scaled to that grid, ``(spacing * H / S, spacing * W / S)``
+                per (row, col); ``hd95_undefined`` = fraction of samples where exactly one mask
+                is empty (their HD95 is NaN and left out of the mean)
+   detect       box IoU and Acc@0.5 in original pixel edges (``box_iou`` / ``acc50``)
+   measure      keypoint radial error (px, mm) over the first ``min(K, n)`` reference
+                keypoints (insertion order, as the collator), and the absolute / relative error
+                of each caliper pair of ``grounding_config["measure_pairs"]`` that the reference
+                has (reference length = keypoint distance x pixel spacing)
+   ============ ==============================================================================
+
+   Corpus-level metrics (BLEU, CIDEr, finding-F1, accuracy) are recomputed on each region's
+   subset; per-sample metrics are averaged over finite values.  A metric that is undefined on
+   a subset (e.g. no open questions, no sample with pixel spacing) is NaN; ``write_results``
+   writes NaN as ``null`` in JSON and ``-`` in markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from echomoe.data.collate import resize_mask
+from echomoe.data.schema import UltrasoundSample, from_hf_dataset
+from echomoe.data.tasks import TASKS, build_task, primary_box, primary_mask_name
+from echomoe.data.tokenizer import DET_TOKEN, IMAGE_TOKEN, KPT_TOKEN, SEG_TOKEN
+from echomoe.metrics.detection import box_iou, inclusive_to_edges
+from echomoe.metrics.findings import diagnosis_metrics, finding_f1, size_error_mm
+from echomoe.metrics.keypoints import measurement_error, radial_error
+from echomoe.metrics.routing import RoutingAccumulator
+from echomoe.metrics.segmentation import dice, hd95, iou
+from echomoe.metrics.text import report_metrics
+from echomoe.metrics.vqa import vqa_metrics
+
+GROUNDING_TOKENS: dict[str, str] = {"segment": SEG_TOKEN, "detect": DET_TOKEN,
+                                    "measure": KPT_TOKEN}
+"""The task token each grounding task's head reads."""
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "report": ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "cider",
+               "finding_f1_micro", "finding_f1_macro", "size_error_mm", "size_reported_rate"),
+    "vqa": ("closed_accuracy", "open_exact_match", "open_token_f1", "exact_match", "token_f1"),
+    "diagnosis": ("accuracy", "macro_f1", "parse_rate"),
+    "segment": ("dice", "iou", "hd95_mm", "hd95_undefined", "task_token_rate"),
+    "detect": ("box_iou", "acc50", "task_token_rate"),
+    "measure": ("radial_error_px", "radial_error_mm", "measurement_abs_mm",
+                "measurement_rel_pct", "task_token_rate"),
+}
+"""Metric keys reported for each task (plus ``"n"``, the number of scored examples)."""
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate_model` returns.
+
+    Attributes:
+        metrics: ``{"overall": {"<task>/<metric>": v, "num_samples", "num_examples"},
+            "per_task": {task: {metric: v, "n"}}, "per_region": {region: {task: {...}}}}``.
+        records: one row per scored example: ``id``, ``region``, ``task``, ``prompt``,
+            ``prediction``, ``reference``, ``scores`` (per-sample values).
+        routing: per-layer routing report over the whole run (``{}`` for a dense model).
+        settings: the arguments the run used.
+    """
+
+    metrics: dict[str, Any]
+    records: list[dict[str, Any]]
+    routing: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of every field."""
+        return asdict(self)
+
+
+@dataclass
+class _Example:
+    index: int
+    sample: UltrasoundSample
+    task: str
+    prompt: str
+    reference: str
+    qa_type: str = ""
+    prediction: str = ""
+    emitted: bool = True
+    ground: dict[str, np.ndarray] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- prompts
+def _as_samples(samples: Any) -> list[UltrasoundSample]:
+    if isinstance(samples, UltrasoundSample):
+        return [samples]
+    if hasattr(samples, "features") and hasattr(samples, "column_names"):  # datasets.Dataset
+        return from_hf_dataset(samples)
+    samples = list(samples)
+    bad = [type(s).__name__ for s in samples if not isinstance(s, UltrasoundSample)]
+    if bad:
+        raise TypeError(f"samples must be UltrasoundSample objects or a datasets.Dataset made by "
+                        f"echomoe.data.schema.to_hf_dataset; got {bad[0]}")
+    return samples
+
+
+def build_examples(samples: Sequence[UltrasoundSample], tasks: Sequence[str],
+                   seed: int = 0) -> list[_Example]:
+    """Every (sample, prompt, reference) of ``tasks``, task-major (deterministic by ``seed``)."""
+    examples = []
+    for task in tasks:
+        t = TASKS.index(task)
+        for i, sample in enumerate(samples):
+            pairs = build_task(task, sample, np.random.default_rng([seed, i, t]))
+            types = [str(qa.get("type", "open")) for qa in sample.qa
+                     if str(qa.get("question", "")).strip() and str(qa.get("answer", "")).strip()]
+            for j, (prompt, reference) in enumerate(pairs):
+                qa_type = types[j] if task == "vqa" else ""
+                examples.append(_Example(i, sample, task, prompt, reference, qa_type))
+    return examples
+
+
+# ----------------------------------------------------------------------------- model running
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _routing_region(sample: UltrasoundSample, regions: Sequence[str]) -> str:
+    return sample.region if sample.region in regions else "unknown"
+
+
+def _pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
+               use_regions: bool, force_task_token: bool,
+               accumulator: RoutingAccumulator) -> None:
+    """Generate, decode and (for grounding tasks) ground one batch of one task, in place."""
+    tok = processor.tokenizer
+    device = _model_device(model)
+    task = batch[0].task
+    regions = [_routing_region(ex.sample, processor.regions) for ex in batch]
+    inputs = processor(images=[list(ex.sample.images) for ex in batch],
+                       text=[ex.prompt for ex in batch],
+                       regions=regions if use_regions else None, padding_side="left")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    image_id = processor.image_token_id
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bad_words_ids=[[image_id]])
+    prompt_len = inputs["input_ids"].shape[1]
+    drop = {tok.pad_token_id, tok.bos_token_id, image_id}
+    task_id = tok.convert_tokens_to_ids(GROUNDING_TOKENS[task]) if task in GROUNDING_TOKENS \
+        else None
+    rows = []
+    for i, ex in enumerate(batch):
+        generated = out[i, prompt_len:].tolist()
+        if tok.eos_token_id in generated:
+            generated = generated[: generated.index(tok.eos_token_id)]
+        generated = [t for t in generated if t not in drop]
+        ex.prediction = tok.decode(generated, skip_special_tokens=task_id is None).strip()
+        if task_id is not None:
+            ex.emitted = task_id in generated
+            if not ex.emitted and force_task_token:
+                generated = [*generated, task_id]
+        prompt = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist()
+        rows.append(prompt + generated)
+    # Right-padded prompt + generation: positions start at 0 for every row, as in training.
+    ids, mask = _pad_right(rows, tok.pad_token_id, device)
+    region_ids = inputs.get("region_ids")
+    # Routing is tabulated against the samples' true regions, whatever the router was given.
+    names = list(processor.regions)
+    true_regions = torch.tensor([names.index(r) if r in names else -1 for r in regions])
+    if task_id is None:
+        fwd = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                    image_counts=inputs["image_counts"], region_ids=region_ids)
+        accumulator.update(fwd.routing, token_mask=mask, region_ids=true_regions)
+        return
+    sizes = torch.tensor([ex.sample.image_array(0).shape[:2] for ex in batch], dtype=torch.long)
+    spacing = torch.tensor([math.nan if ex.sample.pixel_spacing is None
+                            else float(ex.sample.pixel_spacing) for ex in batch])
+    grounded = model.ground(ids, inputs["pixel_values"], image_counts=inputs["image_counts"],
+                            region_ids=region_ids, attention_mask=mask,
+                            original_sizes=sizes.to(device), pixel_spacing=spacing.to(device))
+    accumulator.update(model.routing_context.routing(), token_mask=mask,
+                       region_ids=true_regions)
+    for i, ex in enumerate(batch):
+        ex.ground = {k: v[i].detach().cpu().numpy() for k, v in grounded.items()}
+
+
+# ----------------------------------------------------------------------------- per-sample scores
+def diagnosis_label(region: str, text: str) -> str | None:
+    """The diagnosis label stated by generated ``text`` for a sample of ``region``.
+
+    The diagnosis task's reference *is* a label (``"birads_4"``, ``"renal_cyst"``), so first the
+    normalised text (lower case, hyphens between letters dropped, other hyphens and spaces ->
+    ``_``: ``"BI-RADS 4"`` -> ``birads_4``) is matched against the region's labels
+    (:data:`echomoe.data.synthetic.vocab.DIAGNOSES`): an exact match, else the first label that
+    occurs as a whole word; free text (a report) falls back to
+    :func:`~echomoe.data.synthetic.reports.parse_diagnosis`.  Regions outside the synthetic
+    vocabulary return the normalised text itself (``None`` when empty).
+    """
+    from echomoe.data.synthetic.reports import parse_diagnosis
+    from echomoe.data.synthetic.vocab import DIAGNOSES
+
+    norm = re.sub(r"(?<=[a-z])-(?=[a-z])", "", str(text).strip().lower())
+    norm = re.sub(r"[\s\-]+", "_", norm).strip("_.,;:!?")
+    labels = DIAGNOSES.get(region)
+    if labels is None:
+        return norm or None
+    if norm in labels:
+        return norm
+    for label in labels:
+        if re.search(rf"(?<![a-z0-9]){re.escape(label)}(?![a-z0-9])", norm):
+            return label
+    return parse_diagnosis(region, str(text))
+
+
+def _score_grounding(ex: _Example, image_size: int, measure_pairs: list[tuple[int, int]]):
+    g, s = ex.ground, ex.sample
+    h0, w0 = s.image_array(0).shape[:2]
+    spacing = math.nan if s.pixel_spacing is None else float(s.pixel_spacing)
+    ex.scores["task_token"] = float(ex.emitted)
+    if ex.task == "segment":
+        true = resize_mask(s.masks[primary_mask_name(s)], (image_size, image_size)) > 0.5
+        pred = g["masks"] if "masks" in g and g.get("has_seg", True) else np.zeros_like(true)
+        pred = pred.astype(bool)
+        sp = np.array([[spacing * h0 / image_size, spacing * w0 / image_size]])
+        ex.scores.update(dice=float(dice(pred, true)[0]), iou=float(iou(pred, true)[0]),
+                         hd95_mm=float(hd95(pred, true, spacing_mm=sp)[0]))
+    elif ex.task == "detect":
+        true = inclusive_to_edges(primary_box(s)["bbox"])
+        pred = g["boxes_xyxy"] if "boxes_xyxy" in g and g.get("has_det", True) else np.zeros(4)
+        ex.scores["box_iou"] = float(box_iou(pred, true, fmt="xyxy")[0])
+    elif ex.task == "measure":
+        if "keypoints_px" not in g or not g.get("has_kpt", True):
+            return  # no [KPT]: errors undefined (NaN), see task_token_rate
+        points = np.asarray(list(s.keypoints.values()), dtype=np.float64)
+        pred = g["keypoints_px"]
+        n = min(len(points), len(pred))
+        err = radial_error(pred[:n], points[:n], pixel_spacing=spacing)
+        ex.scores.update(radial_error_px=float(err["px"].mean()),
+                         radial_error_mm=float(err["mm"].mean()))
+        pairs = [p for p, (a, b) in enumerate(measure_pairs) if a < n and b < n]
+        if pairs and "measurements_mm" in g:
+            true_mm = [float(np.hypot(*(points[b] - points[a]))) * spacing
+                       for a, b in (measure_pairs[p] for p in pairs)]
+            m = measurement_error(g["measurements_mm"][pairs], np.asarray(true_mm))
+            ex.scores.update(measurement_abs_mm=float(np.mean(m["abs_mm"])),
+                             measurement_rel_pct=float(np.mean(m["rel_pct"])))
+
+
+def _score_text(ex: _Example) -> None:
+    if ex.task == "vqa":
+        v = vqa_metrics([ex.prediction], [ex.reference], [ex.qa_type])
+        ex.scores.update(exact_match=v["exact_match"], token_f1=v["token_f1"])
+        if ex.qa_type in ("yes_no", "choice"):
+            ex.scores["correct"] = v["closed_accuracy"]
+    elif ex.task == "diagnosis":
+        label = diagnosis_label(ex.sample.region, ex.prediction)
+        ex.scores.update(label=label, correct=float(label == ex.reference))
+    elif ex.task == "report":
+        ex.scores.update(_report_clinical([ex]))
+
+
+def score_examples(examples: list[_Example], image_size: int,
+                   measure_pairs: Sequence[Sequence[int]]) -> None:
+    """Fill each example's per-sample ``scores`` from its ``prediction`` / ``ground`` outputs.
+
+    ``ground`` holds one row of ``model.ground``'s output (numpy): ``masks`` ``(S, S)`` with
+    ``S = image_size``, ``boxes_xyxy`` ``(4,)`` and ``keypoints_px`` ``(K, 2)`` in original
+    pixels, ``measurements_mm`` ``(P,)`` for ``measure_pairs``, and the ``has_*`` flags.  A
+    missing mask counts as empty and a missing box as a zero box; without ``[KPT]`` (possible
+    only with ``force_task_token=False``) keypoint and measurement errors are NaN (left out of
+    the means; ``task_token_rate`` shows the coverage).
+    """
+    pairs = [(int(a), int(b)) for a, b in measure_pairs]
+    for ex in examples:
+        if ex.task in GROUNDING_TOKENS:
+            _score_grounding(ex, image_size, pairs)
+        else:
+            _score_text(ex)
+
+
+def make_records(examples: list[_Example]) -> list[dict[str, Any]]:
+    """Per-example table rows (``<image>`` tags dropped from the prompt)."""
+    return [{
+        "id": ex.sample.id, "region": ex.sample.region, "task": ex.task,
+        "prompt": ex.prompt.replace(IMAGE_TOKEN, "").strip(), "prediction": ex.prediction,
+        "reference": ex.reference, "scores": dict(ex.scores),
+    } for ex in examples]
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _nanmean(values: Sequence[float]) -> float:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else math.nan
+
+
+def _report_clinical(rows: list[_Example]) -> dict[str, float]:
+    """Finding-F1 (micro / macro) and size error of generated reports
+    (:func:`~echomoe.metrics.findings.finding_f1`, :func:`~echomoe.metrics.findings.size_error_mm`)
+    over the rows whose region has a findings vocabulary (NaN when none has)."""
+    from echomoe.data.synthetic.vocab import ORGANS
+
+    rows = [r for r in rows if r.sample.region in ORGANS]
+    if not rows:
+        return {k: math.nan for k in ("finding_f1_micro", "finding_f1_macro", "size_error_mm",
+                                      "size_reported_rate")}
+    regions = [r.sample.region for r in rows]
+    preds = [r.prediction for r in rows]
+    attrs = [r.sample.attributes for r in rows]
+    f1 = finding_f1(regions, preds, attrs)
+    size = size_error_mm(regions, preds, attrs)
+    return {
+        "finding_f1_micro": float(f1["micro_f1"]),
+        "finding_f1_macro": float(f1["macro_f1"]),
+        "size_error_mm": float(size["mae_mm"]),
+        "size_reported_rate": (size["n_found"] / size["n_reference"] if size["n_reference"]
+                               else math.nan),
+    }
+
+
+def _diagnosis_summary(rows: list[_Example]) -> dict[str, float]:
+    preds = [r.scores["label"] for r in rows]
+    d = diagnosis_metrics(preds, [r.reference for r in rows])
+    return {"accuracy": d["accuracy"], "macro_f1": d["macro_f1"],
+            "parse_rate": float(np.mean([p is not None for p in preds]))}
+
+
+def _task_summary(task: str, rows: list[_Example]) -> dict[str, float]:
+    out: dict[str, float] = {"n": len(rows)}
+    if task == "report":
+        preds, refs = [r.prediction for r in rows], [r.reference for r in rows]
+        out.update(report_metrics(preds, refs))
+        out.update(_report_clinical(rows))
+    elif task == "vqa":
+        v = vqa_metrics([r.prediction for r in rows], [r.reference for r in rows],
+                        [r.qa_type for r in rows])
+        out.update({k: v[k] for k in TASK_METRICS["vqa"]})
+    elif task == "diagnosis":
+        out.update(_diagnosis_summary(rows))
+    else:
+        keys = [k for k in TASK_METRICS[task] if k not in ("acc50", "hd95_undefined",
+                                                            "task_token_rate")]
+        for key in keys:
+            out[key] = _nanmean([r.scores.get(key, math.nan) for r in rows])
+        out["task_token_rate"] = _nanmean([r.scores["task_token"] for r in rows])
+        if task == "segment":
+            out["hd95_undefined"] = float(np.mean([not math.isfinite(r.scores["hd95_mm"])
+                                                   and r.sample.pixel_spacing is not None
+                                                   for r in rows]))
+        if task == "detect":
+            out["acc50"] = float(np.mean([r.scores["box_iou"] >= 0.5 for r in rows]))
+    return {k: out.get(k, math.nan) for k in ("n", *TASK_METRICS[task])}
+
+
+def summarize(examples: list[_Example], tasks: Sequence[str], num_samples: int) -> dict:
+    """``{"overall", "per_task", "per_region"}`` (see :class:`EvalResult`)."""
+    per_task, per_region = {}, {}
+    regions = sorted({ex.sample.region for ex in examples})
+    for task in tasks:
+        rows = [ex for ex in examples if ex.task == task]
+        if not rows:
+            continue
+        per_task[task] = _task_summary(task, rows)
+        for region in regions:
+            subset = [ex for ex in rows if ex.sample.region == region]
+            if subset:
+                per_region.setdefault(region, {})[task] = _task_summary(task, subset)
+    overall: dict[str, float] = {"num_samples": num_samples, "num_examples": len(examples)}
+    for task, values in per_task.items():
+        overall.update({f"{task}/{k}": v for k, v in values.items() if k != "n"})
+    return {"overall": overall, "per_task": per_task, "per_region": per_region}
+
+
+# ----------------------------------------------------------------------------- entry point
+def evaluate_model(
+    model,
+    processor,
+    samples: Any,
+    tasks: Sequence[str] = TASKS,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+    *,
+    seed: int = 0,
+    use_regions: bool = True,
+    force_task_token: bool = True,
+) -> EvalResult:
+    """Run ``model`` on every task of ``samples`` and score it (see the module docstring).
+
+    Args:
+        model: an :class:`~echomoe.models.modeling.EchoMoEForConditionalGeneration`.
+        processor: its :class:`~echomoe.models.processor.EchoMoEProcessor`.
+        samples: a list of :class:`~echomoe.data.schema.UltrasoundSample` or a
+            ``datasets.Dataset`` made by :func:`~echomoe.data.schema.to_hf_dataset`.
+        tasks: tasks to run, from :data:`~echomoe.data.tasks.TASKS`.
+        batch_size: prompts per ``generate`` call.
+        max_new_tokens: generation budget per prompt.
+        progress: show a tqdm progress bar over batches.
+        seed: prompt-phrasing seed.
+        use_regions: route with each sample's region (else ``region_ids`` is not given and the
+            model predicts it when ``config.predict_region``).
+        force_task_token: append a missing ``[SEG]`` / ``[DET]`` / ``[KPT]`` before grounding.
+
+    Returns:
+        :class:`EvalResult` (``metrics``, ``records``, ``routing``, ``settings``).
+    """
+    from tqdm.auto import tqdm
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    samples = _as_samples(samples)
+    tasks = [t for t in TASKS if t in tasks]
+    examples = build_examples(samples, tasks, seed)
+    config = model.config
+    accumulator = RoutingAccumulator(config.num_regions)
+    batches = [examples_of[i: i + batch_size]
+               for task in tasks
+               for examples_of in [[ex for ex in examples if ex.task == task]]
+               for i in range(0, len(examples_of), batch_size)]
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(batches), desc="evaluate", disable=not progress) as bar:
+            for batch in batches:
+                bar.set_postfix(task=batch[0].task)
+                _run_batch(model, processor, batch, max_new_tokens=max_new_tokens,
+                           use_regions=use_regions, force_task_token=force_task_token,
+                           accumulator=accumulator)
+                bar.update(1)
+    finally:
+        model.train(was_training)
+    score_examples(examples, int(config.image_size), config.grounding_config["measure_pairs"])
+    settings = {"tasks": list(tasks), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                "seed": seed, "use_regions": use_regions, "force_task_token": force_task_token,
+                "num_samples": len(samples)}
+    return EvalResult(summarize(examples, tasks, len(samples)), make_records(examples),
+                      accumulator.report(), settings)
+
+
+# ----------------------------------------------------------------------------- output
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN / inf -> None, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def results_markdown(result: EvalResult) -> str:
+    """Markdown: one table per task (rows: all + each region; columns: its metrics), then the
+    routing summary per layer."""
+    m = result.metrics
+    lines = ["# Evaluation", ""]
+    lines.append(f"{m['overall']['num_samples']} samples, {m['overall']['num_examples']} "
+                 f"examples; tasks: {', '.join(m['per_task'])}.")
+    for task, values in m["per_task"].items():
+        keys = ["n", *TASK_METRICS[task]]
+        lines += ["", f"## {task}", "", "| region | " + " | ".join(keys) + " |",
+                  "|" + "---|" * (len(keys) + 1)]
+        rows = [("all", values)] + [(r, t[task]) for r, t in m["per_region"].items() if task in t]
+        for name, row in rows:
+            lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+    if result.routing:
+        keys = ("nmi", "load_cv", "entropy", "dropped_fraction", "num_tokens")
+        lines += ["", "## routing", "", "| layer | " + " | ".join(keys) + " |",
+                  "|" + "---|" * (len(keys) + 1)]
+        for layer, entry in result.routing.items():
+            lines.append(f"| {layer} | " + " | ".join(_fmt(entry[k]) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``metrics.json`` (metrics, routing, settings), ``records.jsonl`` and ``metrics.md``
+    into ``out_dir`` (created); returns ``{"json", "records", "markdown"}`` paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "metrics.json", "records": out / "records.jsonl",
+             "markdown": out / "metrics.md"}
+    payload = {"metrics": result.metrics, "routing": result.routing,
+               "settings": result.settings}
+    paths["json"].write_text(json.dumps(_clean(payload), indent=2, allow_nan=False) + "\n")
+    with paths["records"].open("w") as f:
+        for row in result.records:
+            f.write(json.dumps(_clean(row), allow_nan=False) + "\n")
+    paths["markdown"].write_text(results_markdown(result))
+    return paths
