@@ -7,7 +7,9 @@ ones), plus the text model's own ``transformers`` config:
 * ``vision_config``: ``{"kind": "native", ...VisionTransformer kwargs}`` or
   ``{"kind": "siglip" | "clip" | "dinov2", "config": {...HF config dict}}`` or
   ``{"kind": "pretrained", "path": "/local/dir"}``.
-* ``text_config``: any causal-LM ``PretrainedConfig`` (Qwen2, Llama, Mistral, ...).
+* ``text_config``: any causal-LM ``PretrainedConfig`` (Qwen2, Llama, Mistral, ...), or
+  ``language_model_path``: a local directory with a pretrained causal LM, whose config and
+  weights are loaded from disk (never from a hub).
 * ``moe_config``: ``None`` (dense) or :func:`~echomoe.moe.upcycle.moefy` arguments
   (``layers``, ``num_experts``, ``top_k``, ``router``, ``intermediate_size``, ...).
 * ``grounding_config``: pixel decoder / mask decoder / heads sizes.
@@ -51,6 +53,19 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
 SPECIAL_TOKENS = ("image", "seg", "det", "kpt")
 
 
+def _local_config(path: str) -> PretrainedConfig:
+    """The config of a local pretrained model; a clear error for anything else."""
+    from pathlib import Path
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"language_model_path {path!r} is not a local model directory (no config.json). "
+            "echomoe never downloads weights: download the model elsewhere (e.g. "
+            "`huggingface-cli download <name> --local-dir DIR`) and pass DIR."
+        )
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
 def _merge_known(name: str, given: dict[str, Any] | None, defaults: dict[str, Any]) -> dict:
     """``defaults`` updated with ``given``; unknown keys are an error listing the valid ones."""
     unknown = sorted(set(given or {}) - set(defaults))
@@ -65,6 +80,8 @@ class EchoMoEConfig(PretrainedConfig):
     Args:
         vision_config: see the module docstring.
         text_config: a causal-LM config (object or dict with ``model_type``).
+        language_model_path: local directory of a pretrained causal LM; its config replaces
+            ``text_config`` and the model loads its weights when built (before ``moefy``).
         moe_config: ``moefy`` keyword arguments, or ``None`` for a dense LM.
         grounding_config: overrides of :data:`DEFAULT_GROUNDING`.
         projector_pool: 2x2-pool image tokens in the projector.
@@ -84,6 +101,7 @@ class EchoMoEConfig(PretrainedConfig):
         vision_config: dict[str, Any] | None = None,
         text_config: PretrainedConfig | dict[str, Any] | None = None,
         moe_config: dict[str, Any] | None = None,
+        language_model_path: str | None = None,
         grounding_config: dict[str, Any] | None = None,
         projector_pool: bool = False,
         image_size: int = 64,
@@ -100,6 +118,9 @@ class EchoMoEConfig(PretrainedConfig):
         self.vision_config = copy.deepcopy(vision_config) or {
             "kind": "native", "patch_size": 8, "hidden_size": 64, "depth": 2, "num_heads": 4,
         }
+        self.language_model_path = language_model_path
+        if language_model_path is not None and text_config is None:
+            text_config = _local_config(language_model_path)
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             model_type = text_config.pop("model_type", "qwen2")

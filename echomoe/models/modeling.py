@@ -118,7 +118,12 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         vision_dim, lm_dim = self.vision.hidden_size, config.text_config.hidden_size
         self.projector = Projector(vision_dim, lm_dim, pool=config.projector_pool)
         self.region_classifier = RegionClassifier(vision_dim, config.num_regions)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        if config.language_model_path is not None:
+            self.language_model = AutoModelForCausalLM.from_pretrained(
+                config.language_model_path, config=config.text_config, local_files_only=True
+            )
+        else:
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         if config.moe_config:
             moe = {"num_regions": config.num_regions, **config.moe_config}
             self.routing_context = moefy(self.language_model, **moe)
@@ -147,6 +152,16 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         self.post_init()
 
     # -- HF plumbing ----------------------------------------------------------------------
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save config + all weights; the saved config no longer points at the LM's source
+        directory, since the checkpoint itself carries the language model's weights."""
+        source = self.config.language_model_path
+        self.config.language_model_path = None
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.language_model_path = source
+
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 

@@ -181,3 +181,52 @@ def test_ground_turns_task_tokens_into_pixels():
     pts = result["keypoints_px"][0]
     expected = torch.hypot(*(pts[1] - pts[0])) * 0.5
     assert result["measurements_mm"][0, 0].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_language_model_from_a_local_path(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    ))
+    lm.save_pretrained(tmp_path / "lm")
+    cfg = EchoMoEConfig(image_size=32, vision_config=VISION, moe_config=MOE["topk"],
+                        language_model_path=str(tmp_path / "lm"))
+    model = EchoMoEForConditionalGeneration(cfg)
+    ours = model.language_model.model.embed_tokens.weight
+    torch.testing.assert_close(ours, lm.model.embed_tokens.weight)
+    attn = model.language_model.model.layers[1].self_attn.q_proj.weight
+    torch.testing.assert_close(attn, lm.model.layers[1].self_attn.q_proj.weight)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        EchoMoEConfig(language_model_path="Qwen/Qwen2-0.5B")
+    model.save_pretrained(tmp_path / "vlm")  # self-contained: the LM directory is not needed
+    import shutil
+
+    shutil.rmtree(tmp_path / "lm")
+    loaded = EchoMoEForConditionalGeneration.from_pretrained(tmp_path / "vlm")
+    assert loaded.config.language_model_path is None
+    assert model.config.language_model_path == str(tmp_path / "lm")
+    torch.testing.assert_close(loaded.language_model.model.embed_tokens.weight, ours)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_every_preset_and_variant_trains(preset):
+    from echomoe.models import VARIANTS, build_model
+
+    for variant in VARIANTS:
+        model = build_model(preset, variant)
+        size, p = model.config.image_size, model.tokens_per_image
+        ids = torch.cat([torch.full((2, p), IMAGE), torch.randint(10, 200, (2, 3)),
+                         torch.tensor([[SEG, DET, KPT]] * 2)], dim=1)
+        out = model(input_ids=ids, pixel_values=torch.rand(2, 1, 1, size, size),
+                    region_ids=torch.tensor([0, 6]), labels=ids.masked_fill(ids == IMAGE, -100),
+                    masks=(torch.rand(2, size, size) > 0.5).float(), boxes=torch.rand(2, 4),
+                    keypoints=torch.rand(2, 4, 2))
+        assert torch.isfinite(out.loss), variant
+        assert out.logits.shape == (2, ids.shape[1], model.config.text_config.vocab_size)
+        out.loss.backward()
+        missing = [n for n, q in model.named_parameters() if q.requires_grad and q.grad is None]
+        assert missing == [], (preset, variant, missing)
