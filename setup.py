@@ -38,6 +38,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "numpy>=1.26",
+        "peft>=0.13",
     ],
     extras_require={
         "dev": [

@@ -1,0 +1,416 @@
+"""Loading (``base`` chains, dotlist overrides, interpolation) and validation of experiment
+YAMLs into :class:`~echomoe.config.schema.ExperimentConfig` (see :mod:`echomoe.config`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from echomoe.config.schema import (
+    CHOICES,
+    ConfigError,
+    ExperimentConfig,
+    TrainSection,
+)
+from echomoe.data.synthetic.generate import SyntheticConfig
+from echomoe.data.tasks import TASKS
+
+
+# ----------------------------------------------------------------------------- key checks
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _free_dict_keys(section: str) -> tuple[str, ...] | None:
+    """Valid keys of a free-form dict field (``None``: anything)."""
+    if section == "model.overrides":
+        from echomoe.models.configuration import EchoMoEConfig
+
+        params = inspect.signature(EchoMoEConfig.__init__).parameters
+        return tuple(n for n, p in params.items()
+                     if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+    if section == "data.synthetic":
+        return tuple(f.name for f in dataclasses.fields(SyntheticConfig))
+    return None
+
+
+def _unwrap(tp):
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _unknown(where: str, key: str, section: str, valid) -> ConfigError:
+    label = f"section {section!r}" if section else "the top level"
+    return ConfigError(f"{where}: unknown key {key!r} in {label}; valid keys: "
+                       f"{', '.join(valid)}")
+
+
+def _check_keys(data: Any, cls, where: str, section: str = "") -> None:
+    """Raise on any key of ``data`` (a plain dict, possibly partial) not in ``cls``'s schema."""
+    if not isinstance(data, dict):
+        return
+    hints = _hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown(where, str(key), section, list(hints))
+        path = f"{section}.{key}" if section else key
+        _check_value_keys(value, hints[key], where, path)
+
+
+def _check_value_keys(value: Any, tp, where: str, path: str) -> None:
+    tp = _unwrap(tp)
+    if dataclasses.is_dataclass(tp):
+        _check_keys(value, tp, where, path)
+    elif typing.get_origin(tp) is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):
+            for i, v in enumerate(value):
+                _check_keys(v, item, where, f"{path}[{i}]")
+    elif typing.get_origin(tp) is dict and isinstance(value, dict):
+        valid = _free_dict_keys(path)
+        for key in value if valid is not None else ():
+            if key not in valid:
+                raise _unknown(where, str(key), path, valid)
+
+
+def _check_dotted_key(key: str, where: str, value: Any = None) -> None:
+    """Raise unless ``key`` (``"train.lr"``, ``"model.overrides.moe_config.top_k"``) exists
+    (and, when ``value`` is a mapping, its keys too)."""
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*", key):
+        raise ConfigError(f"{where}: malformed key {key!r} (expected dotted names, e.g. "
+                          "train.lr)")
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    _check_keys(value, ExperimentConfig, where)
+
+
+# ----------------------------------------------------------------------------- loading
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """OmegaConf merge semantics on plain dicts: mappings merge key by key, the rest
+    (lists included) is replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_FILE_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _load_yaml_file(path: Path) -> Any:
+    """Unresolved content of one YAML file (cached by path, mtime and size; OmegaConf is slow
+    and sweeps load the same experiment for every run)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _FILE_CACHE:
+        _FILE_CACHE[key] = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return copy.deepcopy(_FILE_CACHE[key])
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``path`` merged over its ``base`` files (unresolved plain dict), keys checked per file."""
+    if not path.is_file():
+        where = f"{chain[-1]}: base" if chain else "config"
+        raise ConfigError(f"{where}: file {str(path)!r} not found")
+    if path.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError(f"{path}: circular base chain: {' -> '.join(map(str, chain))}")
+    try:
+        data = _load_yaml_file(path)
+    except (OmegaConfBaseException, OSError, ValueError) as err:  # yaml errors are ValueErrors
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from err
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("base", None)
+    _check_keys(data, ExperimentConfig, str(path))
+    if isinstance(data.get("deepspeed"), str) and not os.path.isabs(data["deepspeed"]):
+        data["deepspeed"] = os.path.normpath(os.path.join(path.parent, data["deepspeed"]))
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base must be a file name or a list of file names")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _deep_merge(merged, _read_yaml(path.parent / base, (*chain, path)))
+    return _deep_merge(merged, data)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str, path: str) -> Any:
+    """``value`` checked against type ``tp`` (dataclasses built recursively)."""
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ConfigError(f"{where}: {path} must not be null")
+    tp = _unwrap(tp)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {path} must be a mapping, got {value!r}")
+        hints = _hints(tp)
+        return tp(**{k: _coerce(v, hints[k], where, f"{path}.{k}" if path else k)
+                     for k, v in value.items()})
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {path} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, where, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {path} must be a mapping, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: {path} must be {_type_name(tp)}, got {value!r}")
+
+
+def _parse_overrides(overrides, where: str = "command line") -> dict[str, Any]:
+    items = []
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"{where}: override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0].strip()
+        _check_dotted_key(key, f"{where}: override {item!r}")
+        items.append(item)
+    try:
+        data = OmegaConf.to_container(OmegaConf.from_dotlist(items), resolve=False)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}: cannot parse overrides {items}: {err}") from err
+    _check_keys(data, ExperimentConfig, where)  # keys inside mapping values, e.g. tasks={...}
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides=()) -> ExperimentConfig:
+    """Load, merge (``base`` files, then ``overrides``) and validate an experiment YAML.
+
+    Args:
+        path: experiment YAML.
+        overrides: ``["train.lr=1e-3", "model.variant=moe_topk", ...]`` (dotlist).
+
+    Raises :class:`ConfigError` (a ``ValueError``) naming the file and field.
+    """
+    path = Path(path)
+    data = _read_yaml(path)
+    override_data = _parse_overrides(list(overrides))
+    merged = _deep_merge(data, override_data)
+    if merged.get("name") is None:
+        merged["name"] = path.stem  # before resolving, so ${name} interpolations see it
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: cannot resolve interpolation: {err}") from err
+    where = f"{path}" + (" (with command-line overrides)" if override_data else "")
+    config = _coerce(resolved, ExperimentConfig, where, "")
+    if config.output_dir is None:
+        config.output_dir = os.path.join("runs", config.name)
+    validate(config, where)
+    return config
+
+
+# ----------------------------------------------------------------------------- validation
+def _fail(where: str, field_name: str, message: str) -> ConfigError:
+    return ConfigError(f"{where}: {field_name} {message}")
+
+
+def _positive(where: str, name: str, value, strict: bool = True) -> None:
+    ok = value is not None and math.isfinite(value) and (value > 0 if strict else value >= 0)
+    if not ok:
+        raise _fail(where, name, f"must be {'> 0' if strict else '>= 0'}, got {value!r}")
+
+
+def validate(config: ExperimentConfig, where: str = "config") -> None:
+    """Check every value of ``config`` (types are checked by :func:`load_config`)."""
+    from echomoe.models.builders import PRESETS, VARIANTS
+
+    for dotted, valid in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in valid:
+            raise _fail(where, dotted, f"is {value!r}; valid: {', '.join(valid)}")
+    if not config.name or "/" in config.name:
+        raise _fail(where, "name", f"must be a non-empty name without '/', got {config.name!r}")
+    # model
+    m = config.model
+    if m.preset not in PRESETS:
+        raise _fail(where, "model.preset", f"unknown preset {m.preset!r}; valid: "
+                    f"{', '.join(PRESETS)}")
+    if m.variant not in VARIANTS:
+        raise _fail(where, "model.variant", f"unknown variant {m.variant!r}; valid: "
+                    f"{', '.join(VARIANTS)}")
+    if m.tokenizer is not None and not Path(m.tokenizer).is_dir():
+        raise _fail(where, "model.tokenizer", f"directory {m.tokenizer!r} does not exist")
+    _positive(where, "model.corpus_samples", m.corpus_samples)
+    try:
+        m.build_config()
+    except (ValueError, TypeError) as err:
+        raise _fail(where, "model", f"is invalid: {err}") from err
+    # data
+    d = config.data
+    if d.source == "disk":
+        if not d.path:
+            raise _fail(where, "data.path", "is required when data.source is 'disk'")
+        if not Path(d.path).exists():
+            raise _fail(where, "data.path", f"dataset {d.path!r} does not exist (create it "
+                        "with `echomoe synth --out ...` or use data.source=synthetic)")
+        splits_file = Path(d.path) / "dataset_dict.json"
+        if splits_file.is_file():
+            splits = json.loads(splits_file.read_text()).get("splits", [])
+            for name in ("train_split", "eval_split", "test_split"):
+                if getattr(d, name) not in splits:
+                    raise _fail(where, f"data.{name}", f"{getattr(d, name)!r} is not a split "
+                                f"of {d.path!r}; splits: {', '.join(splits)}")
+    else:
+        if d.n < 10:
+            raise _fail(where, "data.n", f"must be >= 10 (every split non-empty), got {d.n}")
+        try:
+            d.synthetic_config()
+        except (ValueError, TypeError) as err:
+            raise _fail(where, "data.synthetic", f"is invalid: {err}") from err
+    _positive(where, "data.num_proc", d.num_proc)
+    _positive(where, "data.num_workers", d.num_workers, strict=False)
+    if d.max_length is not None:
+        _positive(where, "data.max_length", d.max_length)
+    # tasks
+    for task, rate in config.tasks.rates().items():
+        if not math.isfinite(rate) or rate < 0:
+            raise _fail(where, f"tasks.{task}", f"rate must be a finite number >= 0, got {rate}")
+    if not config.tasks.active():
+        raise _fail(where, "tasks", "need at least one task with a positive rate")
+    # train
+    t = config.train
+    for name in ("steps", "lr", "batch_size", "grad_accum", "eps", "keep_checkpoints"):
+        _positive(where, f"train.{name}", getattr(t, name))
+    for name in ("warmup_steps", "weight_decay", "eval_every", "checkpoint_every", "seed"):
+        _positive(where, f"train.{name}", getattr(t, name), strict=False)
+    if t.warmup_steps > t.steps:
+        raise _fail(where, "train.warmup_steps", f"({t.warmup_steps}) exceeds train.steps "
+                    f"({t.steps})")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise _fail(where, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    if t.clip is not None:
+        _positive(where, "train.clip", t.clip)
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise _fail(where, "train.betas", f"must be two numbers in [0, 1), got {t.betas}")
+    _validate_stages(t, where)
+    lora = t.lora
+    for name in ("r", "alpha"):
+        _positive(where, f"train.lora.{name}", getattr(lora, name))
+    if not 0.0 <= lora.dropout < 1.0:
+        raise _fail(where, "train.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    # eval
+    e = config.eval
+    bad = [task for task in e.tasks if task not in TASKS]
+    if bad or not e.tasks:
+        raise _fail(where, "eval.tasks", f"has unknown or no tasks {bad}; valid: "
+                    f"{', '.join(TASKS)}")
+    _positive(where, "eval.batch_size", e.batch_size)
+    _positive(where, "eval.max_new_tokens", e.max_new_tokens)
+    if e.num_samples is not None:
+        _positive(where, "eval.num_samples", e.num_samples)
+    _positive(where, "logging.log_every", config.logging.log_every)
+    _positive(where, "logging.num_predictions", config.logging.num_predictions, strict=False)
+    # deepspeed
+    if config.deepspeed is not None:
+        try:
+            _read_deepspeed(config.deepspeed)
+        except ValueError as err:
+            raise _fail(where, "deepspeed", str(err)) from err
+
+
+def _validate_stages(t: TrainSection, where: str) -> None:
+    if not t.stages:
+        return
+    for i, stage in enumerate(t.stages):
+        name = f"train.stages[{i}]"
+        if stage.steps is None and i != len(t.stages) - 1:
+            raise _fail(where, f"{name}.steps", "may be null only in the last stage")
+        if stage.steps is not None:
+            _positive(where, f"{name}.steps", stage.steps)
+        _positive(where, f"{name}.lr_scale", stage.lr_scale)
+        if not stage.trainable:
+            raise _fail(where, f"{name}.trainable", "needs at least one pattern")
+    fixed = sum(s.steps or 0 for s in t.stages)
+    if t.stages[-1].steps is None:
+        if fixed >= t.steps:
+            raise _fail(where, "train.stages", f"leave no steps for the last stage ({fixed} >= "
+                        f"train.steps {t.steps})")
+    elif fixed != t.steps:
+        raise _fail(where, "train.stages", f"steps sum to {fixed}, but train.steps is {t.steps}")
+
+
+def _read_deepspeed(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"file {path!r} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path!r} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path!r} must hold a JSON object")
+    return data
+
+
+def deepspeed_config(config: ExperimentConfig) -> dict[str, Any] | None:
+    """The DeepSpeed dict of ``config`` with ``"auto"`` values filled from ``train``.
+
+    ``train_micro_batch_size_per_gpu`` <- ``batch_size``, ``gradient_accumulation_steps`` <-
+    ``grad_accum``, ``gradient_clipping`` <- ``clip`` (0 = off), ``bf16.enabled`` <-
+    ``precision != "fp32"``; ``train_batch_size: "auto"`` is dropped (DeepSpeed derives it).
+    ``None`` when ``config.deepspeed`` is unset.
+    """
+    if config.deepspeed is None:
+        return None
+    data = _read_deepspeed(config.deepspeed)
+    fill = {"train_micro_batch_size_per_gpu": config.train.batch_size,
+            "gradient_accumulation_steps": config.train.grad_accum,
+            "gradient_clipping": config.train.clip or 0.0}
+    for key, value in fill.items():
+        if data.get(key) == "auto":
+            data[key] = value
+    if data.get("train_batch_size") == "auto":
+        del data["train_batch_size"]
+    if isinstance(data.get("bf16"), dict) and data["bf16"].get("enabled") == "auto":
+        data["bf16"]["enabled"] = config.train.precision != "fp32"
+    return data
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """Plain nested dict of ``config`` (JSON / YAML serialisable; loads back identically)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: ExperimentConfig, path: str | os.PathLike) -> Path:
+    """Write ``config`` as a resolved YAML (no ``base``) that :func:`load_config` reads back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(config_to_dict(config)), path)
+    return path

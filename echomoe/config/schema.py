@@ -1,0 +1,236 @@
+"""Experiment config schema: one dataclass per section (see :mod:`echomoe.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from echomoe.data.synthetic.generate import SyntheticConfig
+from echomoe.data.tasks import TASKS
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the field."""
+
+
+# ----------------------------------------------------------------------------- schema
+@dataclass
+class ModelSection:
+    """Which model to build: ``build_config(preset, variant, **overrides)``.
+
+    Attributes:
+        preset: size preset (:data:`echomoe.models.builders.PRESETS`: ``tiny``, ``small``).
+        variant: FFN layout (:data:`echomoe.models.builders.VARIANTS`).
+        overrides: :class:`~echomoe.models.configuration.EchoMoEConfig` fields; nested
+            ``vision_config`` / ``text_config`` / ``moe_config`` / ``grounding_config`` dicts are
+            merged into the preset's; ``loss_weights`` sets the loss coefficients (incl. MoE aux
+            losses ``moe_balance``, ``moe_z``, ``moe_region``).
+        tokenizer: local directory of a saved tokenizer; ``None`` trains one offline
+            (:func:`~echomoe.models.builders.build_processor`).
+        corpus_samples: synthetic cases for that offline tokenizer.
+    """
+
+    preset: str = "tiny"
+    variant: str = "dense"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    corpus_samples: int = 200
+
+    def build_config(self):
+        """The :class:`~echomoe.models.configuration.EchoMoEConfig` of this section."""
+        from echomoe.models.builders import build_config
+
+        return build_config(self.preset, self.variant, **self.overrides)
+
+
+@dataclass
+class DataSection:
+    """The dataset.
+
+    Attributes:
+        source: ``"synthetic"`` (generate ``n`` cases) or ``"disk"`` (a ``DatasetDict`` saved
+            with ``save_to_disk`` / ``echomoe synth`` at ``path``, which must exist).
+        path: ``disk``: the saved dataset; ``synthetic``: optional cache directory (loaded when
+            it exists, else generated and saved there).
+        n: synthetic cases (80/10/10 region-stratified split; >= 10).
+        seed: synthetic generation seed.
+        num_proc: generation worker processes (results do not depend on it).
+        synthetic: :class:`~echomoe.data.synthetic.generate.SyntheticConfig` knobs
+            (``image_size``, ``noise``, ``lesion_contrast``, ...).
+        train_split / eval_split / test_split: split names (periodic eval uses ``eval_split``,
+            the final evaluation ``test_split``).
+        max_length: collator maximum sequence length (``None``: no truncation).
+        num_workers: ``DataLoader`` workers.
+    """
+
+    source: str = "synthetic"
+    path: str | None = None
+    n: int = 1000
+    seed: int = 0
+    num_proc: int = 1
+    synthetic: dict[str, Any] = field(default_factory=dict)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    max_length: int | None = None
+    num_workers: int = 0
+
+    def synthetic_config(self) -> SyntheticConfig:
+        """The :class:`SyntheticConfig` of ``synthetic`` (lists become tuples)."""
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.synthetic.items()}
+        return SyntheticConfig(**knobs)
+
+
+@dataclass
+class TaskRates:
+    """Relative sampling rate per task (:data:`echomoe.data.tasks.TASKS`); 0 disables a task.
+
+    Rates are finite and >= 0, at least one positive; see
+    :class:`~echomoe.data.tasks.TaskSampler`.
+    """
+
+    report: float = 1.0
+    vqa: float = 1.0
+    diagnosis: float = 1.0
+    segment: float = 1.0
+    detect: float = 1.0
+    measure: float = 1.0
+
+    def rates(self) -> dict[str, float]:
+        """``{task: rate}`` in :data:`TASKS` order, for ``TaskSampler(rates)``."""
+        return {t: float(getattr(self, t)) for t in TASKS}
+
+    def active(self) -> list[str]:
+        """Tasks with a positive rate."""
+        return [t for t, r in self.rates().items() if r > 0]
+
+
+@dataclass
+class StageConfig:
+    """One training stage (EchoVLM style: projector -> MoE + heads -> all).
+
+    Attributes:
+        name: stage label (logged).
+        steps: optimizer steps of the stage; ``None`` (last stage only): the remaining steps.
+        trainable: ``fnmatch`` patterns over ``named_parameters()`` names that train in this
+            stage (e.g. ``"projector.*"``, ``"*.mlp.*"``); everything else is frozen.
+        lr_scale: multiplier on ``train.lr`` during the stage.
+    """
+
+    name: str = "stage"
+    steps: int | None = None
+    trainable: list[str] = field(default_factory=lambda: ["*"])
+    lr_scale: float = 1.0
+
+
+@dataclass
+class LoraSection:
+    """LoRA via ``peft`` on the language model (off by default).
+
+    ``target_modules`` are module-name suffixes; ``modules_to_save`` are trained fully.
+    """
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainSection:
+    """Optimisation (AdamW, warmup + schedule), checkpoints and stages.
+
+    ``steps`` counts optimizer steps (each of ``grad_accum`` micro-batches of ``batch_size``);
+    ``schedule``: ``cosine`` / ``linear`` decay to ``min_lr_ratio * lr`` after
+    ``warmup_steps`` of linear warmup, or ``constant``.  ``clip``: max gradient norm (``None``:
+    off).  ``eval_every`` / ``checkpoint_every``: in steps (0: only at the end); the best
+    checkpoint is chosen by ``best_metric`` (``best_mode`` ``min`` / ``max``).  ``precision``
+    ``auto`` = fp32 on CPU, bf16 on GPU.  ``stages`` empty = train everything for ``steps``;
+    otherwise their ``steps`` must sum to ``steps``.  ``resume``: continue from the latest
+    checkpoint in ``output_dir`` when there is one.
+    """
+
+    steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    batch_size: int = 8
+    grad_accum: int = 1
+    clip: float | None = 1.0
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    best_metric: str = "eval/loss"
+    best_mode: str = "min"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    resume: bool = True
+    stages: list[StageConfig] = field(default_factory=list)
+    lora: LoraSection = field(default_factory=LoraSection)
+
+
+@dataclass
+class EvalSection:
+    """Evaluation with generation: ``tasks`` (subset of :data:`TASKS`), ``num_samples`` examples
+    of the split (``None``: all), ``max_new_tokens`` per generation."""
+
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    num_samples: int | None = None
+
+
+@dataclass
+class LoggingSection:
+    """W&B (``mode`` ``offline`` by default; the ``WANDB_MODE`` environment variable wins) plus
+    a local JSONL / CSV log that is always written.  ``dir`` ``None`` = ``output_dir``."""
+
+    project: str = "echomoe"
+    entity: str | None = None
+    mode: str = "offline"
+    dir: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_every: int = 10
+    num_predictions: int = 8
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment.  ``name`` defaults to the YAML file's stem, ``output_dir`` to
+    ``runs/<name>``; ``deepspeed`` is an optional DeepSpeed JSON (see :func:`deepspeed_config`).
+    """
+
+    name: str | None = None
+    description: str = ""
+    output_dir: str | None = None
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    tasks: TaskRates = field(default_factory=TaskRates)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    deepspeed: str | None = None
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("synthetic", "disk"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.best_mode": ("min", "max"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "logging.mode": ("online", "offline", "disabled"),
+}
+"""Allowed values of the string fields that are enumerations."""
+
+DEEPSPEED_REQUIRED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                           "gradient_clipping", "zero_optimization", "bf16")
+"""Keys every shipped DeepSpeed JSON has (``"auto"`` values are filled from ``train``)."""

@@ -1,0 +1,67 @@
+"""The training recipe: an explicit loop (:func:`train`), optimiser pieces and checkpoints.
+
+Importing ``echomoe.train`` needs torch, numpy, safetensors and tqdm only; ``peft`` is imported
+by :func:`apply_lora` when it is called.
+"""
+
+from echomoe.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+from echomoe.train.loop import (
+    FactoryBatches,
+    History,
+    IndexedBatches,
+    MultiTaskBatches,
+    NonFiniteLossError,
+    make_loss_eval,
+    set_loss_weights,
+    train,
+)
+from echomoe.train.optim import (
+    Stage,
+    WarmupCosine,
+    apply_lora,
+    apply_stage,
+    build_optimizer,
+    clip_gradients,
+    echovlm_stages,
+    freeze,
+    is_expert_param,
+    param_groups,
+    stage_at,
+    unfreeze,
+    warmup_cosine_scheduler,
+)
+
+__all__ = [
+    "FactoryBatches",
+    "History",
+    "IndexedBatches",
+    "MultiTaskBatches",
+    "NonFiniteLossError",
+    "Stage",
+    "WarmupCosine",
+    "apply_lora",
+    "apply_stage",
+    "build_optimizer",
+    "clip_gradients",
+    "echovlm_stages",
+    "freeze",
+    "is_expert_param",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "make_loss_eval",
+    "param_groups",
+    "save_checkpoint",
+    "seed_everything",
+    "set_loss_weights",
+    "stage_at",
+    "train",
+    "unfreeze",
+    "warmup_cosine_scheduler",
+]

@@ -1,0 +1,319 @@
+"""Optimiser pieces of the training recipe: parameter groups, schedule, freezing, clipping, LoRA.
+
+::
+
+    groups = param_groups(model, weight_decay=0.01)          # named AdamW groups
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
+    scheduler = warmup_cosine_scheduler(optimizer, warmup=10, total=200)
+    apply_stage(model, Stage(name="projector", steps=50, trainable=("projector.*",)))
+    norm = clip_gradients(model, max_norm=1.0)
+    apply_lora(model, target_modules=["q_proj", "v_proj"], r=8, alpha=16)   # needs ``peft``
+
+**Groups.**  Parameters are split twice: *expert* (routed experts of an MoE layer, see
+:func:`is_expert_param`) vs the rest, and *decay* vs *no decay* (norms, biases, embeddings,
+positional / class tokens and the region logit bias get no weight decay, see
+:func:`is_no_decay_param`).  The non-empty groups are named ``decay``, ``no_decay``,
+``expert_decay`` and ``expert_no_decay`` (the ``name`` key is kept in the optimiser state, so a
+logger or a per-group learning-rate rule can find them).
+
+**Stages.**  A :class:`Stage` lists the parameter-name patterns (:mod:`fnmatch`) trained during
+its ``steps`` optimiser steps; everything else is frozen (``requires_grad=False``, so AdamW
+neither updates nor decays it).  :func:`echovlm_stages` gives the EchoVLM recipe: projector only
+-> MoE layers + grounding heads -> everything.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DEFAULT_NO_DECAY: tuple[str, ...] = ("*.bias", "*pos_embed*", "*cls_token*", "*region_bias*")
+"""Name patterns that never get weight decay (on top of norm / embedding modules and 1-d
+parameters)."""
+
+GROUP_NAMES: tuple[str, ...] = ("decay", "no_decay", "expert_decay", "expert_no_decay")
+
+
+# ----------------------------------------------------------------------------- groups
+def is_expert_param(name: str) -> bool:
+    """Whether the parameter ``name`` belongs to the routed experts of an MoE layer.
+
+    Routed experts live in a module called ``experts`` (``...mlp.moe.experts.gate_up_proj``);
+    routers, shared experts, dense branches and path mixers are *not* expert parameters (every
+    token uses them).
+    """
+    return "experts" in name.split(".")
+
+
+def _no_decay_modules(model: nn.Module) -> set[str]:
+    """Qualified names of the parameters owned by norm and embedding modules."""
+    names = set()
+    for module_name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, nn.Embedding) or "Norm" in kind:
+            for param_name, _ in module.named_parameters(recurse=False):
+                names.add(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
+
+
+def is_no_decay_param(name: str, param: torch.Tensor, *,
+                      patterns: Sequence[str] = DEFAULT_NO_DECAY,
+                      module_owned: set[str] | frozenset[str] = frozenset()) -> bool:
+    """Whether ``param`` is exempt from weight decay: 0-d / 1-d tensors (biases, gains), names
+    matching ``patterns``, or parameters in ``module_owned`` (norm / embedding weights)."""
+    return (param.ndim <= 1 or name in module_owned
+            or any(fnmatch.fnmatchcase(name, p) for p in patterns))
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    weight_decay: float,
+    expert_lr_scale: float = 1.0,
+    no_decay_patterns: Sequence[str] = DEFAULT_NO_DECAY,
+    trainable_only: bool = False,
+) -> list[dict]:
+    """AdamW parameter groups ``[{"name", "params", "weight_decay", "lr_scale"}, ...]``.
+
+    Args:
+        model: the model.
+        weight_decay: decay of the ``decay`` / ``expert_decay`` groups (0 for the others).
+        expert_lr_scale: learning-rate multiplier of the expert groups.
+        no_decay_patterns: extra :mod:`fnmatch` patterns of parameters without decay.
+        trainable_only: skip frozen parameters.  The default keeps them (they get no gradient,
+            so AdamW skips them) so a later training stage can unfreeze them.
+
+    Empty groups are dropped; the order is :data:`GROUP_NAMES`.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    owned = _no_decay_modules(model)
+    buckets: dict[str, list[torch.Tensor]] = {name: [] for name in GROUP_NAMES}
+    for name, param in model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        no_decay = is_no_decay_param(name, param, patterns=no_decay_patterns, module_owned=owned)
+        key = ("expert_" if is_expert_param(name) else "") + ("no_decay" if no_decay else "decay")
+        buckets[key].append(param)
+    groups = []
+    for name in GROUP_NAMES:
+        if buckets[name]:
+            groups.append({
+                "name": name,
+                "params": buckets[name],
+                "weight_decay": 0.0 if name.endswith("no_decay") else weight_decay,
+                "lr_scale": expert_lr_scale if name.startswith("expert") else 1.0,
+            })
+    if not groups:
+        raise ValueError("the model has no parameters to optimise")
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    expert_lr_scale: float = 1.0,
+    trainable_only: bool = False,
+) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (group ``lr = lr * lr_scale``)."""
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    groups = param_groups(model, weight_decay=weight_decay, expert_lr_scale=expert_lr_scale,
+                          trainable_only=trainable_only)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+# ----------------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Learning-rate multiplier: linear warmup ``0 -> 1`` over ``warmup`` steps, then a cosine
+    decay to ``min_ratio`` at ``total`` steps (constant ``min_ratio`` afterwards).
+
+    ``f(s) = s / warmup`` for ``s < warmup``; else with ``p = (s - warmup) / (total - warmup)``,
+    ``f(s) = min_ratio + (1 - min_ratio) * (1 + cos(pi * min(p, 1))) / 2``.  The step ``s`` is
+    the number of optimiser steps already taken (LambdaLR's convention), so the first step uses
+    ``f(0)`` (0 with warmup, the full rate without).
+    """
+
+    warmup: int
+    total: int
+    min_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.total < 1 or self.warmup > self.total:
+            raise ValueError(f"need 0 <= warmup <= total and total >= 1, got warmup="
+                             f"{self.warmup}, total={self.total}")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / self.warmup
+        progress = min((step - self.warmup) / max(1, self.total - self.warmup), 1.0)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int,
+                            min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with :class:`WarmupCosine` (same multiplier for every group).
+
+    Its ``state_dict`` holds only numbers (the dataclass fields), so it reloads with
+    ``torch.load(weights_only=True)``.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda=WarmupCosine(warmup=warmup, total=total, min_ratio=min_ratio))
+
+
+# ----------------------------------------------------------------------------- freezing
+def _match(model: nn.Module, patterns: str | Iterable[str]) -> list[tuple[str, nn.Parameter]]:
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    named = list(model.named_parameters())
+    found = []
+    for pattern in patterns:
+        hits = [(n, p) for n, p in named if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            examples = ", ".join(n for n, _ in named[:5])
+            raise ValueError(f"pattern {pattern!r} matches no parameter (names look like: "
+                             f"{examples}, ...)")
+        found.extend(hits)
+    return found
+
+
+def freeze(model: nn.Module, patterns: str | Iterable[str]) -> list[str]:
+    """Set ``requires_grad=False`` on parameters whose name matches any :mod:`fnmatch`
+    pattern; a pattern that matches nothing is an error (typos do not pass silently).
+    Returns the names frozen."""
+    hits = _match(model, patterns)
+    for _, param in hits:
+        param.requires_grad_(False)
+    return sorted({n for n, _ in hits})
+
+
+def unfreeze(model: nn.Module, patterns: str | Iterable[str]) -> list[str]:
+    """Set ``requires_grad=True`` on matching parameters (see :func:`freeze`)."""
+    hits = _match(model, patterns)
+    for _, param in hits:
+        param.requires_grad_(True)
+    return sorted({n for n, _ in hits})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: ``steps`` optimiser steps (``None``: until the end) during which
+    only parameters matching ``trainable`` (fnmatch patterns) are trained."""
+
+    name: str
+    steps: int | None
+    trainable: tuple[str, ...] = ("*",)
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"stage {self.name!r}: steps must be >= 1 or None, got {self.steps}")
+        if isinstance(self.trainable, str) or not self.trainable:
+            raise ValueError(f"stage {self.name!r}: trainable must be a non-empty tuple of "
+                             "patterns")
+
+
+def stage_at(stages: Sequence[Stage], step: int) -> tuple[int, Stage]:
+    """``(index, stage)`` in force for the optimiser step ``step`` (0-based); the last stage
+    continues past its ``steps``."""
+    if not stages:
+        raise ValueError("stages is empty")
+    end = 0
+    for index, stage in enumerate(stages):
+        if stage.steps is None:
+            return index, stage
+        end += stage.steps
+        if step < end:
+            return index, stage
+    return len(stages) - 1, stages[-1]
+
+
+def apply_stage(model: nn.Module, stage: Stage) -> list[str]:
+    """Freeze every parameter, then unfreeze those matching ``stage.trainable``; returns the
+    trainable names."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return unfreeze(model, stage.trainable)
+
+
+HEAD_PATTERNS: tuple[str, ...] = ("pixel_decoder.*", "mask_decoder.*", "box_head.*",
+                                  "keypoint_head.*", "region_classifier.*")
+
+
+def echovlm_stages(*, projector_steps: int, moe_steps: int) -> list[Stage]:
+    """EchoVLM's staged recipe: ``projector`` (projector only) -> ``moe_heads`` (projector,
+    LM MoE layers and grounding heads) -> ``all`` (everything, until the end).
+
+    Use with an MoE variant; on ``dense`` the ``*.mlp.moe.*`` pattern matches nothing and
+    :func:`apply_stage` raises.
+    """
+    return [
+        Stage(name="projector", steps=projector_steps, trainable=("projector.*",)),
+        Stage(name="moe_heads", steps=moe_steps,
+              trainable=("projector.*", "language_model.*.mlp.moe.*", *HEAD_PATTERNS)),
+        Stage(name="all", steps=None, trainable=("*",)),
+    ]
+
+
+# ----------------------------------------------------------------------------- clipping
+def clip_gradients(model_or_params: nn.Module | Iterable[torch.Tensor],
+                   max_norm: float | None) -> float:
+    """Clip the global gradient L2 norm to ``max_norm`` (``None`` / ``0``: no clipping) and
+    return the norm *before* clipping (``inf`` / ``nan`` when a gradient is not finite)."""
+    params = (model_or_params.parameters() if isinstance(model_or_params, nn.Module)
+              else model_or_params)
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    limit = float(max_norm) if max_norm else math.inf
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+# ----------------------------------------------------------------------------- LoRA
+def apply_lora(
+    model: nn.Module,
+    *,
+    target_modules: Sequence[str],
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    trainable: Sequence[str] = (),
+) -> nn.Module:
+    """Add LoRA adapters (``peft``) to ``model`` *in place* and return it.
+
+    The model keeps its class and ``forward`` (``peft.inject_adapter_in_model``, no
+    ``PeftModel`` wrapper), so the loop and checkpoints treat it like any model.  Only the
+    adapters are trainable afterwards, plus parameters matching ``trainable`` (e.g. the
+    grounding heads).  ``target_modules`` are ``nn.Linear`` name suffixes such as ``"q_proj"``;
+    the grouped expert weights (3-d parameters, not ``nn.Linear``) cannot take LoRA adapters.
+
+    Raises:
+        ImportError: when ``peft`` is not installed (``pip install peft``).
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as err:
+        raise ImportError("apply_lora needs the optional dependency `peft`; install it with "
+                          "`pip install peft` (it does not change torch)") from err
+    if not target_modules:
+        raise ValueError("target_modules must name at least one module, e.g. ['q_proj']")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules))
+    model = inject_adapter_in_model(config, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    if trainable:
+        unfreeze(model, trainable)
+    return model
