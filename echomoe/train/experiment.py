@@ -1,0 +1,240 @@
+"""One experiment from an :class:`~echomoe.config.ExperimentConfig`: data -> model -> train ->
+evaluate -> save.  ``experiments/train.py`` is a thin command line around :func:`run_experiment`.
+
+::
+
+    from echomoe.config import load_config
+    from echomoe.train.experiment import run_experiment
+    cfg = load_config("configs/experiments/multitask.yaml", ["train.steps=50"])
+    summary = run_experiment(cfg)      # also <output_dir>/summary.json
+
+Writes into ``cfg.output_dir``: ``config.yaml``, ``checkpoints/`` (resumable; ``best``),
+``metrics.jsonl`` / ``predictions.jsonl`` / ``config.json`` (local logs, in ``logging.dir``
+when set), ``wandb/`` (the W&B run unless disabled), ``eval/`` (final metrics, records, routing
+heatmap), ``model/`` (``save_pretrained`` of model + processor) and ``summary.json`` =
+``{"name", "variant", "seed", "group", "status": "finished", "metrics": {flat overall test
+metrics}, ...}``.
+
+Periodic evaluation (every ``train.eval_every``) is the teacher-forced loss on up to
+``eval.num_samples`` cases of ``data.eval_split`` (keys ``eval/loss``, ``eval/loss/<name>``);
+when ``train.best_metric`` is another key, the generation harness
+(:func:`~echomoe.metrics.harness.evaluate_model`) runs too (keys ``eval/<task>/<metric>``).
+The final evaluation runs the harness on ``data.test_split``.  Not wired here yet:
+``train.schedule`` other than cosine, ``train.betas`` / ``eps``, ``train.precision`` (fp32)
+and DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from echomoe.train.logging import RunLogger, jsonable
+
+
+def load_splits(cfg) -> dict[str, list]:
+    """``{split: [UltrasoundSample]}`` from ``cfg.data`` (generated, cached or loaded)."""
+    from echomoe.data.schema import from_hf_dataset
+    from echomoe.data.synthetic.generate import build_dataset_dict, generate, split_indices
+
+    d = cfg.data
+    path = Path(d.path) if d.path else None
+    if d.source == "disk" or (path is not None and path.exists()):
+        from datasets import load_from_disk
+
+        if path is None or not path.exists():
+            raise FileNotFoundError(f"data.path {d.path!r} does not exist")
+        dataset = load_from_disk(str(path))
+        return {name: from_hf_dataset(dataset[name]) for name in dataset}
+    samples = generate(d.n, d.seed, d.synthetic_config(), d.num_proc)
+    if path is not None:
+        build_dataset_dict(d.n, samples=samples).save_to_disk(str(path))
+    return {name: [samples[i] for i in idx] for name, idx in split_indices(samples).items()}
+
+
+def build_model_and_processor(cfg):
+    """``(model, processor)`` for ``cfg.model`` (random init, offline tokenizer unless
+    ``model.tokenizer`` names a local directory)."""
+    from echomoe.models.builders import build_processor
+    from echomoe.models.modeling import EchoMoEForConditionalGeneration
+
+    config = cfg.model.build_config()
+    tokenizer = None
+    if cfg.model.tokenizer:
+        from echomoe.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+    processor = build_processor(cfg.model.preset, tokenizer, seed=cfg.data.seed,
+                                num_samples=cfg.model.corpus_samples, config=config)
+    torch.manual_seed(cfg.train.seed)
+    return EchoMoEForConditionalGeneration(config), processor
+
+
+def make_collator(model, processor, max_length: int | None = None):
+    """A :class:`~echomoe.data.collate.VLMCollator` matching ``model``."""
+    from echomoe.data.collate import VLMCollator
+
+    config = model.config
+    return VLMCollator(processor.tokenizer, model.tokens_per_image, config.image_size,
+                       max_length, num_keypoints=config.grounding_config["num_keypoints"],
+                       regions=tuple(config.regions))
+
+
+class RoutingProbe:
+    """Keeps the routing report of the model's last *training* forward (a forward hook), for
+    per-layer MoE stats in the training log."""
+
+    def __init__(self, model):
+        self.num_regions = model.config.num_regions
+        self._last = None
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        if module.training and getattr(output, "routing", None):
+            self._last = (output.routing, kwargs.get("attention_mask"))
+
+    def report(self) -> dict[str, Any] | None:
+        """Per-layer routing report of the last training forward (``None``: dense / none)."""
+        if self._last is None:
+            return None
+        from echomoe.metrics.routing import routing_report
+
+        routing, mask = self._last
+        return routing_report(routing, self.num_regions, token_mask=mask)
+
+
+@torch.no_grad()
+def predicted_masks(model, collator, samples, max_samples: int = 8) -> dict[str, np.ndarray]:
+    """Teacher-forced ``[SEG]`` masks ``{sample id: (S, S) bool}`` for the predictions table
+    (one forward per sample on its segmentation prompt + reference)."""
+    from echomoe.data.tasks import build_task, primary_mask_name
+
+    out: dict[str, np.ndarray] = {}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for i, sample in enumerate(s for s in samples if primary_mask_name(s) is not None):
+            if i >= max_samples:
+                break
+            pairs = build_task("segment", sample, np.random.default_rng([0, i]))
+            if not pairs:
+                continue
+            prompt, target = pairs[0]
+            batch = collator([{"sample": sample, "prompt": prompt, "target": target}])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            result = model(**batch)
+            if result.pred_masks is not None:
+                out[sample.id] = (result.pred_masks[0] > 0).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
+    """Run the experiment ``cfg`` end to end and return its summary (see module docstring)."""
+    from echomoe.config import config_to_dict, save_config
+    from echomoe.metrics.harness import evaluate_model, write_results
+    from echomoe.metrics.routing import routing_heatmap
+    from echomoe.train.checkpoint import seed_everything
+    from echomoe.train.loop import MultiTaskBatches, make_loss_eval, train
+    from echomoe.train.optim import Stage, apply_lora
+
+    t, e, lg = cfg.train, cfg.eval, cfg.logging
+    out = Path(cfg.output_dir or f"runs/{cfg.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    seed_everything(t.seed)
+    started = time.perf_counter()
+
+    splits = load_splits(cfg)
+    for split in (cfg.data.train_split, cfg.data.eval_split, cfg.data.test_split):
+        if not splits.get(split):
+            raise ValueError(f"data split {split!r} is missing or empty; have {sorted(splits)}")
+    model, processor = build_model_and_processor(cfg)
+    model.to(_device(t.device))
+    if t.lora.enabled:
+        apply_lora(model, target_modules=t.lora.target_modules, r=t.lora.r, alpha=t.lora.alpha,
+                   dropout=t.lora.dropout, trainable=t.lora.modules_to_save)
+    collator = make_collator(model, processor, cfg.data.max_length)
+    rates = cfg.tasks.rates()
+    batches = MultiTaskBatches(splits[cfg.data.train_split], collator=collator, rates=rates,
+                               batch_size=t.batch_size, seed=t.seed)
+    eval_samples = splits[cfg.data.eval_split][:e.num_samples]
+    eval_batches = MultiTaskBatches(eval_samples, collator=collator, rates=rates,
+                                    batch_size=min(t.batch_size, len(eval_samples)), seed=t.seed,
+                                    drop_last=False)
+    loss_eval = make_loss_eval([eval_batches.batch(0, i) for i in range(len(eval_batches))])
+
+    def eval_fn(m) -> dict[str, float]:
+        metrics = {f"eval/{k}": v for k, v in loss_eval(m).items()}
+        if t.best_metric not in metrics:
+            result = evaluate_model(m, processor, eval_samples, e.tasks, e.batch_size,
+                                    e.max_new_tokens, progress=False)
+            metrics.update({f"eval/{k}": v for k, v in result.metrics["overall"].items()})
+        return metrics
+
+    logger = RunLogger(lg.dir or out, config_to_dict(cfg), project=lg.project, mode=lg.mode,
+                       group=lg.group, name=cfg.name, tags=lg.tags, entity=lg.entity)
+    probe = RoutingProbe(model)
+
+    def log_fn(step: int, record: dict) -> None:
+        due = step == 1 or step % max(lg.log_every, 1) == 0 or step == t.steps
+        record["num_samples"] = t.batch_size * t.grad_accum
+        logger.log_step(step, record, routing=probe.report() if due else None)
+
+    stages = [Stage(s.name, s.steps, tuple(s.trainable)) for s in t.stages] or None
+    try:
+        history = train(
+            model, batches, steps=t.steps, lr=t.lr, weight_decay=t.weight_decay,
+            warmup=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, grad_accum=t.grad_accum,
+            clip=t.clip, eval_fn=eval_fn, eval_every=t.eval_every, metric=t.best_metric,
+            mode=t.best_mode, checkpoint_dir=out / "checkpoints",
+            checkpoint_every=t.checkpoint_every, keep_last=t.keep_checkpoints, resume=t.resume,
+            seed=t.seed, stages=stages, log_fn=log_fn, progress=progress)
+        probe.handle.remove()
+
+        test_samples = splits[cfg.data.test_split][:e.num_samples]
+        result = evaluate_model(model, processor, test_samples, e.tasks, e.batch_size,
+                                e.max_new_tokens, progress=progress, seed=t.seed)
+        step = len(history) and history[-1]["step"]
+        logger.log_eval(step, result.metrics, prefix="test/")
+        write_results(result, out / "eval")
+        if result.routing:
+            heatmap = routing_heatmap(result.routing, list(model.config.regions),
+                                      path=out / "eval" / "routing.png", title=cfg.name)
+            del heatmap
+            logger.log_heatmap(out / "eval" / "routing.png", step=step)
+        masks = predicted_masks(model, collator, test_samples, lg.num_predictions)
+        logger.log_predictions(result.records, test_samples, lg.num_predictions,
+                               pred_masks=masks, step=step)
+        model.save_pretrained(out / "model")
+        processor.save_pretrained(out / "model")
+    except BaseException:
+        logger.close({"name": cfg.name, "variant": cfg.model.variant, "seed": t.seed,
+                      "group": lg.group, "status": "failed"})
+        raise
+    summary = {
+        "name": cfg.name, "variant": cfg.model.variant, "seed": t.seed, "group": lg.group,
+        "status": "finished" if not history.interrupted else "interrupted",
+        "metrics": jsonable(result.metrics["overall"]),
+        "steps": step, "best": history.best, "train_loss": history[-1]["loss"],
+        "output_dir": str(out), "model_dir": str(out / "model"),
+        "wandb_dir": str(logger.run_dir) if logger.run_dir else None,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
+    summary["where"] = logger.describe()
+    logger.close({k: v for k, v in summary.items() if k != "where"})
+    return summary
