@@ -295,7 +295,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
 
         grounding = masks is not None or boxes is not None or keypoints is not None
         need_hidden = grounding or images is not None
-        with self.routing_context.route(region_ids):
+        with self.routing_context.route(region_ids, token_mask=attention_mask):
             out = self.language_model(
                 inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
                 past_key_values=past_key_values, position_ids=position_ids,

@@ -34,18 +34,25 @@ class RoutingContext:
 
     def __init__(self) -> None:
         self.region_ids: Tensor | None = None
+        self.token_mask: Tensor | None = None
         self.records: dict[str, MoEOutput] = {}
 
     @contextmanager
-    def route(self, region_ids: Tensor | None) -> Iterator[RoutingContext]:
-        """Route every forward inside the block with ``region_ids (B,)``; clears old records."""
-        previous = self.region_ids
-        self.region_ids = region_ids
+    def route(
+        self, region_ids: Tensor | None, token_mask: Tensor | None = None
+    ) -> Iterator[RoutingContext]:
+        """Route every forward inside the block with ``region_ids (B,)``; clears old records.
+
+        ``token_mask`` (the attention mask, ``(B, L)``) keeps padding out of the aux losses; with
+        a KV cache its last ``T`` columns belong to the ``T`` tokens of the current forward.
+        """
+        previous = self.region_ids, self.token_mask
+        self.region_ids, self.token_mask = region_ids, token_mask
         self.records = {}
         try:
             yield self
         finally:
-            self.region_ids = previous
+            self.region_ids, self.token_mask = previous
 
     def region_ids_for(self, batch_size: int) -> Tensor | None:
         """The region ids for a batch of ``batch_size`` rows.
@@ -61,6 +68,24 @@ class RoutingContext:
         raise ValueError(
             f"routing context holds {ids.shape[0]} region ids but the batch has {batch_size} rows"
         )
+
+    def token_mask_for(self, batch_size: int, num_tokens: int) -> Tensor | None:
+        """The ``(batch_size, num_tokens)`` mask of the current forward, or ``None``."""
+        mask = self.token_mask
+        if mask is None:
+            return None
+        if mask.shape[0] != batch_size:
+            if not mask.shape[0] or batch_size % mask.shape[0]:
+                raise ValueError(
+                    f"routing context holds a token mask for {mask.shape[0]} rows but the batch "
+                    f"has {batch_size}"
+                )
+            mask = mask.repeat_interleave(batch_size // mask.shape[0], dim=0)
+        if mask.shape[1] < num_tokens:
+            raise ValueError(
+                f"token mask covers {mask.shape[1]} positions but the forward has {num_tokens}"
+            )
+        return mask[:, mask.shape[1] - num_tokens:]
 
     def record(self, name: str, output: MoEOutput) -> None:
         self.records[name] = output
@@ -92,7 +117,8 @@ class MoEAdapter(nn.Module):
         object.__setattr__(self, "context", context)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        region_ids = self.context.region_ids_for(hidden_states.shape[0])
-        out = self.moe(hidden_states, region_ids)
+        b, t = hidden_states.shape[:2]
+        region_ids = self.context.region_ids_for(b)
+        out = self.moe(hidden_states, region_ids, self.context.token_mask_for(b, t))
         self.context.record(self.name, out)
         return out.hidden_states

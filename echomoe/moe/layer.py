@@ -88,8 +88,13 @@ class DenseFFN(nn.Module):
         super().__init__()
         self.mlp = mlp
 
-    def forward(self, hidden_states: Tensor, region_ids: Tensor | None = None) -> MoEOutput:
-        """``(B, T, D) -> MoEOutput``; ``region_ids`` is accepted and ignored."""
+    def forward(
+        self,
+        hidden_states: Tensor,
+        region_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> MoEOutput:
+        """``(B, T, D) -> MoEOutput``; ``region_ids`` and ``token_mask`` are accepted, unused."""
         return MoEOutput(self.mlp(hidden_states))
 
 
@@ -148,8 +153,19 @@ class MoELayer(nn.Module):
         if dense_branch is not None:
             self.path_mixer = nn.Linear(self.hidden_size, 2, bias=False)
 
-    def forward(self, hidden_states: Tensor, region_ids: Tensor | None = None) -> MoEOutput:
-        """Route ``hidden_states (B, T, D)``; ``region_ids (B,)`` (``-1`` = unknown) or ``None``."""
+    def forward(
+        self,
+        hidden_states: Tensor,
+        region_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> MoEOutput:
+        """Route ``hidden_states (B, T, D)``.
+
+        Args:
+            region_ids: ``(B,)`` region per sample (``-1`` = unknown) or ``None``.
+            token_mask: ``(B, T)`` bool/int, ``True``/1 for real tokens; padding is routed but
+                excluded from the auxiliary losses.
+        """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"MoELayer expected hidden states (batch, tokens, {self.hidden_size}), "
@@ -161,7 +177,15 @@ class MoELayer(nn.Module):
         if region_ids is not None:
             region_ids = validate_region_ids(region_ids.to(x.device), b, self.num_regions)
             token_regions = region_ids.repeat_interleave(t)  # (N,)
-        routed = self.router(x, token_regions)
+        flat_mask = None
+        if token_mask is not None:
+            if token_mask.shape != (b, t):
+                raise ValueError(
+                    f"token_mask must have shape (batch, tokens) = ({b}, {t}), "
+                    f"got {tuple(token_mask.shape)}"
+                )
+            flat_mask = token_mask.to(device=x.device, dtype=torch.bool).reshape(b * t)
+        routed = self.router(x, token_regions, flat_mask)
         if isinstance(routed, ExpertChoiceOutput):
             y, info = self._expert_choice(x, routed, token_regions)
         else:

@@ -189,8 +189,14 @@ class TopKRouter(nn.Module):
     def region_losses(self, probs: Tensor, region_ids: Tensor | None) -> dict[str, Tensor]:
         return {}
 
-    def forward(self, x: Tensor, region_ids: Tensor | None = None) -> RouterOutput:
-        """Route ``x (N, D)``; ``region_ids (N,)`` or ``None``."""
+    def forward(
+        self, x: Tensor, region_ids: Tensor | None = None, token_mask: Tensor | None = None
+    ) -> RouterOutput:
+        """Route ``x (N, D)``; ``region_ids (N,)`` or ``None``.
+
+        ``token_mask (N,)`` bool marks real tokens: padding (``False``) is still routed but left
+        out of the auxiliary losses, so batch padding does not bias load balancing.
+        """
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = self.compute_logits(x, region_ids)  # (N, E)
@@ -208,10 +214,15 @@ class TopKRouter(nn.Module):
             expert_ids, weights, num_dropped = _capacity_drop(
                 expert_ids, weights, self.num_experts, capacity
             )
+        if token_mask is None:
+            kept = (probs, expert_ids, logits, region_ids)
+        else:
+            kept = (probs[token_mask], expert_ids[token_mask], logits[token_mask],
+                    None if region_ids is None else region_ids[token_mask])
         aux = {
-            "balance": load_balancing_loss(probs, expert_ids, self.num_experts),
-            "z": router_z_loss(logits),
-            **self.region_losses(probs, region_ids),
+            "balance": load_balancing_loss(kept[0], kept[1], self.num_experts),
+            "z": router_z_loss(kept[2]),
+            **self.region_losses(kept[0], kept[3]),
         }
         return RouterOutput(logits, probs, expert_ids, weights.to(x.dtype), aux, num_dropped)
 
@@ -345,11 +356,15 @@ class ExpertChoiceRouter(nn.Module):
     def capacity(self, num_tokens: int) -> int:
         return min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
 
-    def forward(self, x: Tensor, region_ids: Tensor | None = None) -> ExpertChoiceOutput:
-        """Route ``x (N, D)``; region ids are accepted for statistics but not used."""
+    def forward(
+        self, x: Tensor, region_ids: Tensor | None = None, token_mask: Tensor | None = None
+    ) -> ExpertChoiceOutput:
+        """Route ``x (N, D)``; region ids are accepted for statistics but not used.
+
+        ``token_mask (N,)``: tokens marked ``False`` are left out of the z-loss.
+        """
         logits = F.linear(x, self.weight).float()  # (N, E)
         probs = logits.softmax(dim=-1)
         weights, token_ids = probs.t().topk(self.capacity(x.shape[0]), dim=-1)  # (E, C)
-        return ExpertChoiceOutput(
-            logits, probs, token_ids, weights.to(x.dtype), {"z": router_z_loss(logits)}
-        )
+        z = router_z_loss(logits if token_mask is None else logits[token_mask])
+        return ExpertChoiceOutput(logits, probs, token_ids, weights.to(x.dtype), {"z": z})

@@ -53,8 +53,16 @@ class SoftMoE(nn.Module):
             * self.hidden_size**-0.5
         )
 
-    def forward(self, hidden_states: Tensor, region_ids: Tensor | None = None) -> MoEOutput:
-        """``(B, T, D) -> MoEOutput``; region ids (``(B,)``) only feed statistics."""
+    def forward(
+        self,
+        hidden_states: Tensor,
+        region_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> MoEOutput:
+        """``(B, T, D) -> MoEOutput``; region ids (``(B,)``) only feed statistics.
+
+        ``token_mask`` is accepted for a uniform call signature; soft MoE has no aux losses.
+        """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"SoftMoE expected hidden states (batch, tokens, {self.hidden_size}), "

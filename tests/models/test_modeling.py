@@ -230,3 +230,18 @@ def test_every_preset_and_variant_trains(preset):
         out.loss.backward()
         missing = [n for n, q in model.named_parameters() if q.requires_grad and q.grad is None]
         assert missing == [], (preset, variant, missing)
+
+
+def test_right_padding_does_not_change_the_moe_losses():
+    model = make_model("topk").eval()
+    inputs = batch(model)
+    ids = inputs["input_ids"]
+    padded = torch.cat([ids, torch.zeros(2, 4, dtype=ids.dtype)], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(2, 4, dtype=ids.dtype)], dim=1)
+    with torch.no_grad():
+        plain = model(input_ids=ids, pixel_values=inputs["pixel_values"],
+                      region_ids=inputs["region_ids"])
+        pad = model(input_ids=padded, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                    region_ids=inputs["region_ids"])
+    for name in ("moe_balance", "moe_z"):
+        torch.testing.assert_close(pad.losses[name], plain.losses[name], msg=name)

@@ -113,3 +113,35 @@ def test_router_jitter_only_in_training():
     assert not torch.allclose(a, b)
     layer.eval()
     torch.testing.assert_close(layer.router(x[0]).logits, layer.router(x[0]).logits)
+
+
+@pytest.mark.parametrize("router", ["topk", "region_soft", "expert_choice"])
+def test_padding_is_routed_but_left_out_of_aux_losses(router):
+    layer = build_moe_layer(16, 8, 4, 2, router=router, num_regions=3)
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    regions = torch.tensor([2, 0])
+    masked = layer(x, regions, token_mask=mask)
+    valid = x[mask.bool()].unsqueeze(0)  # the 8 real tokens as one sequence
+    valid_regions = torch.tensor([2] * 3 + [0] * 5)
+    routed = layer.router(valid[0], valid_regions)
+    for name, value in masked.aux_losses.items():
+        torch.testing.assert_close(value, routed.aux_losses[name], msg=name)
+    # padding still gets an output (it is routed), and real tokens are unaffected by the mask
+    plain = layer(x, regions)
+    if router != "expert_choice":  # expert choice mixes tokens, so only check token choice
+        torch.testing.assert_close(masked.hidden_states, plain.hidden_states)
+    with pytest.raises(ValueError, match="token_mask"):
+        layer(x, regions, token_mask=torch.ones(2, 4))
+
+
+def test_routing_context_slices_the_attention_mask_for_cached_steps():
+    ctx = RoutingContext()
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with ctx.route(None, token_mask=mask):
+        assert torch.equal(ctx.token_mask_for(2, 4), mask)
+        assert torch.equal(ctx.token_mask_for(2, 1), mask[:, -1:])
+        assert ctx.token_mask_for(4, 1).shape == (4, 1)  # beams: rows repeated per sample
+        with pytest.raises(ValueError, match="positions"):
+            ctx.token_mask_for(2, 5)
+    assert ctx.token_mask is None
