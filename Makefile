@@ -31,7 +31,7 @@ $(STAMP): setup.py pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) experiments/benchmarks/moe_layer.py --out results/moe_layer.json
+	$(PY) experiments/sweep.py configs/sweeps/demo.yaml --out results/demo
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
