@@ -81,6 +81,26 @@ def validate_region_ids(region_ids: Tensor, batch_size: int, num_regions: int) -
     return region_ids.long()
 
 
+def token_regions(
+    name: str, hidden_states: Tensor, hidden_size: int, region_ids: Tensor | None,
+    num_regions: int,
+) -> Tensor | None:
+    """Check ``hidden_states (B, T, hidden_size)`` and broadcast ``region_ids (B,)`` to ``(B*T,)``.
+
+    ``name`` (the calling layer) appears in the error for a wrongly shaped input.
+    """
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_size:
+        raise ValueError(
+            f"{name} expected hidden states (batch, tokens, {hidden_size}), "
+            f"got {tuple(hidden_states.shape)}"
+        )
+    if region_ids is None:
+        return None
+    b, t = hidden_states.shape[:2]
+    region_ids = validate_region_ids(region_ids.to(hidden_states.device), b, num_regions)
+    return region_ids.repeat_interleave(t)
+
+
 class DenseFFN(nn.Module):
     """Wrap a dense MLP so it returns :class:`MoEOutput` like :class:`MoELayer` does."""
 
@@ -166,17 +186,11 @@ class MoELayer(nn.Module):
             token_mask: ``(B, T)`` bool/int, ``True``/1 for real tokens; padding is routed but
                 excluded from the auxiliary losses.
         """
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"MoELayer expected hidden states (batch, tokens, {self.hidden_size}), "
-                f"got {tuple(hidden_states.shape)}"
-            )
+        regions = token_regions(
+            "MoELayer", hidden_states, self.hidden_size, region_ids, self.num_regions
+        )  # (N,) or None
         b, t, d = hidden_states.shape
         x = hidden_states.reshape(b * t, d)
-        token_regions = None
-        if region_ids is not None:
-            region_ids = validate_region_ids(region_ids.to(x.device), b, self.num_regions)
-            token_regions = region_ids.repeat_interleave(t)  # (N,)
         flat_mask = None
         if token_mask is not None:
             if token_mask.shape != (b, t):
@@ -185,9 +199,9 @@ class MoELayer(nn.Module):
                     f"got {tuple(token_mask.shape)}"
                 )
             flat_mask = token_mask.to(device=x.device, dtype=torch.bool).reshape(b * t)
-        routed = self.router(x, token_regions, flat_mask)
+        routed = self.router(x, regions, flat_mask)
         if isinstance(routed, ExpertChoiceOutput):
-            y, info = self._expert_choice(x, routed, token_regions)
+            y, info = self._expert_choice(x, routed, regions)
         else:
             y = self.experts(x, routed.expert_ids, routed.weights)
             dropped = 0 if routed.num_dropped is None else int(routed.num_dropped)
@@ -195,7 +209,7 @@ class MoELayer(nn.Module):
                 routed.expert_ids.detach(),
                 routed.weights.detach(),
                 routed.probs.detach(),
-                token_regions,
+                regions,
                 self.experts.num_experts,
                 dropped,
             )
@@ -207,7 +221,7 @@ class MoELayer(nn.Module):
         return MoEOutput(y.view(b, t, d), routed.aux_losses, info)
 
     def _expert_choice(
-        self, x: Tensor, routed: ExpertChoiceOutput, token_regions: Tensor | None
+        self, x: Tensor, routed: ExpertChoiceOutput, regions: Tensor | None
     ) -> tuple[Tensor, RoutingInfo]:
         num_experts, capacity = routed.token_ids.shape
         flat_ids = routed.token_ids.reshape(-1)  # (E*C,)
@@ -221,6 +235,6 @@ class MoELayer(nn.Module):
         weights[flat_ids, expert_col] = routed.weights.reshape(-1).detach().float()
         dropped = int((chosen < 0).all(dim=-1).sum())
         info = RoutingInfo(
-            chosen, weights, routed.probs.detach(), token_regions, num_experts, dropped
+            chosen, weights, routed.probs.detach(), regions, num_experts, dropped
         )
         return out, info

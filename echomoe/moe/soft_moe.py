@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from echomoe.moe.experts import GroupedExperts
-from echomoe.moe.layer import MoEOutput, RoutingInfo, validate_region_ids
+from echomoe.moe.layer import MoEOutput, RoutingInfo, token_regions
 from echomoe.moe.routers import refuse_causal
 
 
@@ -63,12 +63,10 @@ class SoftMoE(nn.Module):
 
         ``token_mask`` is accepted for a uniform call signature; soft MoE has no aux losses.
         """
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"SoftMoE expected hidden states (batch, tokens, {self.hidden_size}), "
-                f"got {tuple(hidden_states.shape)}"
-            )
-        b, t, _ = hidden_states.shape
+        regions = token_regions(
+            "SoftMoE", hidden_states, self.hidden_size, region_ids, self.num_regions
+        )
+        b = hidden_states.shape[0]
         logits = torch.einsum("btd,ds->bts", hidden_states, self.slot_embeds)
         dispatch = logits.softmax(dim=1)  # over tokens: each slot is a mixture of tokens
         combine = logits.softmax(dim=2)  # over slots: each token a mixture of slot outputs
@@ -78,11 +76,7 @@ class SoftMoE(nn.Module):
         out = rearrange(out, "e (b p) d -> b (e p) d", b=b)
         y = torch.einsum("bts,bsd->btd", combine, out)
 
-        token_regions = None
-        if region_ids is not None:
-            region_ids = validate_region_ids(region_ids, b, self.num_regions)
-            token_regions = region_ids.repeat_interleave(t)
         expert_mass = rearrange(combine, "b t (e p) -> (b t) e p", e=self.num_experts).sum(-1)
         weight, top = expert_mass.detach().max(dim=-1, keepdim=True)
-        info = RoutingInfo(top, weight, expert_mass.detach(), token_regions, self.num_experts)
+        info = RoutingInfo(top, weight, expert_mass.detach(), regions, self.num_experts)
         return MoEOutput(y, {}, info)
