@@ -15,7 +15,9 @@ default).
 **Local files** (in ``out_dir``): ``config.json`` (the run config), ``metrics.jsonl`` (one JSON
 object per ``log_*`` call: ``{"kind", "step", ...flat scalars}``; NaN / inf written as
 ``null``), ``predictions.jsonl`` (the rows of the predictions table, without images) and
-``summary.json`` (written by :meth:`RunLogger.close`).
+``summary.json`` and ``metrics.csv`` (written by :meth:`RunLogger.close`: the ``train`` and
+``eval`` rows of ``metrics.jsonl`` as one table, a column per key, for spreadsheets and
+pandas).
 
 **W&B.**  ``wandb`` is imported only when the mode is not ``disabled``.  The mode is the
 ``WANDB_MODE`` environment variable when set, else ``mode`` (``offline`` by default, so
@@ -33,6 +35,7 @@ record has ``num_samples`` / ``num_tokens``) and, given a routing report, per-la
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -110,6 +113,30 @@ def step_scalars(record: Mapping[str, Any], routing: Mapping[str, Any] | None = 
     if routing:
         out.update(report_scalars(routing, prefix="moe/"))
     return out
+
+
+def write_metrics_csv(jsonl_path: str | os.PathLike, csv_path: str | os.PathLike,
+                      kinds: Sequence[str] = ("train", "eval")) -> Path:
+    """Write the rows of ``kinds`` in a ``metrics.jsonl`` log as a CSV table.
+
+    Columns: ``kind``, ``step``, ``time``, then every other key in order of first appearance;
+    a row leaves the keys it does not have empty.  Returns ``csv_path``.
+    """
+    rows = []
+    with open(jsonl_path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                if row.get("kind") in kinds:
+                    rows.append(row)
+    columns: dict[str, None] = dict.fromkeys(("kind", "step", "time"))
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(csv_path)
 
 
 class RunLogger:
@@ -301,6 +328,7 @@ class RunLogger:
         data = jsonable(dict(summary) if summary is not None else dict(self.last))
         path.write_text(json.dumps(data, indent=2))
         self._file.close()
+        write_metrics_csv(self.metrics_path, self.out_dir / "metrics.csv")
         self.closed = True
         if self.run is not None:
             flat = flatten(data)

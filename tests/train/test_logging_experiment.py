@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
@@ -104,8 +105,14 @@ def test_run_logger_disabled_writes_only_local_files(tmp_path, tiny, monkeypatch
     assert logger.run is None and logger.run_dir is None
     assert not (tmp_path / "wandb").exists()
     assert {p.name for p in tmp_path.iterdir()} == {
-        "config.json", "metrics.jsonl", "predictions.jsonl", "summary.json", "routing.png"}
+        "config.json", "metrics.jsonl", "metrics.csv", "predictions.jsonl", "summary.json",
+        "routing.png"}
     assert "W&B disabled" in logger.describe()
+    with (tmp_path / "metrics.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["kind"] for r in table] == ["train", "eval", "eval"]
+    assert float(table[1]["eval/loss"]) == 2.0 and table[0]["eval/loss"] == ""
+    assert float(table[0]["train/lr"]) == 1e-3 and "moe/mean/load_cv" in table[0]
 
 
 def test_train_script_main_tiny_config(tmp_path, monkeypatch):
