@@ -1,9 +1,39 @@
-"""The ``echomoe`` command line."""
+"""The ``echomoe`` command line: ``echomoe {info,synth,config,train} ...``.
+
+Each subcommand is a thin wrapper around a library function, so everything it does can also be
+done from Python:
+
+* ``info`` -- versions, routers (:data:`echomoe.moe.ROUTERS`) and MoE backends available here;
+* ``synth`` -- :func:`echomoe.data.synthetic.generate.build_dataset_dict` + ``save_preview``;
+* ``config`` -- :func:`echomoe.config.main` (validate and print an experiment or a sweep);
+* ``train`` -- :func:`echomoe.config.load_config` + :func:`echomoe.train.experiment.run_experiment`.
+
+Sweeps, evaluation and benchmarks have their own scripts (``experiments/sweep.py``,
+``experiments/evaluate.py``, ``experiments/benchmarks/``).  Heavy modules (datasets, wandb,
+matplotlib) are imported by the subcommand that needs them, so ``echomoe --help`` is fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import textwrap
+
+EPILOG = """\
+examples:
+  echomoe info
+  echomoe synth --out data/synth --n 2000 --seed 0
+  echomoe synth --out data/thyroid --n 200 --regions thyroid breast --image-size 64
+  echomoe config configs/experiments/report.yaml model.variant=moe_region_soft
+  echomoe config configs/sweeps/demo.yaml
+  echomoe train configs/experiments/multitask.yaml model.variant=moe_region_hard train.steps=200
+
+more:
+  python experiments/sweep.py configs/sweeps/demo.yaml --out results/demo   (what `make demo` runs)
+  python experiments/evaluate.py --checkpoint runs/<run>/model --data data/synth --out eval/
+  echomoe <command> --help
+"""
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -43,16 +73,65 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    from echomoe.config import main as config_main
+
+    return config_main([args.file, *args.overrides])
+
+
+def _train(args: argparse.Namespace) -> int:
+    from echomoe.config import ConfigError, load_config
+    from echomoe.train.experiment import run_experiment
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    summary = run_experiment(cfg, progress=not args.no_progress)
+    print(json.dumps(summary["metrics"], indent=2))
+    print(f"summary: {summary['output_dir']}/summary.json; model: {summary['model_dir']}")
+    if summary.get("where"):
+        print(summary["where"])
+    return 0 if summary.get("status") == "finished" else 1
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(" ".join(text.split()), width=79)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``echomoe`` argument parser: one sub-parser per subcommand, each with its handler
+    stored as the ``func`` default (``args.func(args)`` returns the exit status)."""
+    from echomoe import __version__
+    from echomoe.data.schema import REGIONS
+
+    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="echomoe",
         description="Mixture-of-experts ultrasound vision-language models, routed by anatomy.",
+        epilog=EPILOG,
+        formatter_class=formatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print versions, routers and MoE backends available here")
-    info.set_defaults(func=_info)
+    parser.add_argument("--version", action="version", version=f"echomoe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from echomoe.data.schema import REGIONS
+    info = sub.add_parser(
+        "info", help="print versions, routers and MoE backends available here (JSON)",
+        description=_wrap(
+            "Print the echomoe and torch versions, whether CUDA is available, and the "
+            "registered routers and MoE dispatch backends, as JSON."))
+    info.set_defaults(func=_info)
 
     def region(name: str) -> str:
         if name not in REGIONS:
@@ -61,20 +140,70 @@ def build_parser() -> argparse.ArgumentParser:
         return name
 
     synth = sub.add_parser(
-        "synth", help="write the synthetic ultrasound benchmark (DatasetDict + preview.png)")
-    synth.add_argument("--out", required=True, help="output folder (save_to_disk)")
-    synth.add_argument("--n", type=int, required=True, help="number of cases")
-    synth.add_argument("--seed", type=int, default=0, help="benchmark seed")
-    synth.add_argument("--image-size", type=int, default=128, help="image side in pixels")
+        "synth", help="write the synthetic ultrasound benchmark (DatasetDict + preview.png)",
+        description=_wrap(
+            "Generate N synthetic ultrasound cases with exact labels (masks, boxes, calipers, "
+            "reports, VQA, diagnosis) and save a region-stratified train / validation / test "
+            "datasets.DatasetDict (80/10/10) plus a preview.png into DIR.  Cases are "
+            "deterministic per (seed, index), whatever --num-proc is."),
+        epilog="example:\n  echomoe synth --out data/synth --n 2000 --seed 0 --num-proc 2",
+        formatter_class=formatter)
+    synth.add_argument("--out", required=True, metavar="DIR",
+                       help="output folder (datasets' save_to_disk layout); required")
+    synth.add_argument("--n", type=_positive_int, required=True, metavar="N",
+                       help="number of cases; required")
+    synth.add_argument("--seed", type=int, default=0, help="benchmark seed (default: %(default)s)")
+    synth.add_argument("--image-size", type=int, default=128, metavar="PIXELS",
+                       help="image side in pixels, >= 32 (default: %(default)s)")
     synth.add_argument("--regions", nargs="+", type=region, default=list(REGIONS),
                        metavar="REGION", help=f"regions to draw (default: all of "
                        f"{', '.join(REGIONS)})")
-    synth.add_argument("--num-proc", type=int, default=1, help="worker processes")
+    synth.add_argument("--num-proc", type=_positive_int, default=1, metavar="N",
+                       help="worker processes (default: %(default)s)")
     synth.set_defaults(func=_synth)
+
+    config = sub.add_parser(
+        "config", help="validate an experiment or sweep YAML and print it resolved",
+        description=_wrap(
+            "Load an experiment YAML (base files merged, key=value overrides applied), "
+            "validate every field and print the resolved config as YAML; for a file under a "
+            "'sweeps' folder, print each run's name and overrides instead.  Exit status 1 with "
+            "the error (file, key, valid keys) when invalid."),
+        epilog="examples:\n"
+               "  echomoe config configs/experiments/report.yaml train.lr=5e-4\n"
+               "  echomoe config configs/sweeps/dense_vs_moe.yaml",
+        formatter_class=formatter)
+    config.add_argument("file", metavar="FILE", help="experiment YAML or sweep YAML")
+    config.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. train.steps=10 (experiment files only; "
+                             "default: none)")
+    config.set_defaults(func=_config)
+
+    train = sub.add_parser(
+        "train", help="train and evaluate one experiment (data -> model -> train -> eval)",
+        description=_wrap(
+            "Run one experiment end to end: build the data and the model, train, evaluate on "
+            "the test split and save into the config's output_dir (config.yaml, checkpoints/, "
+            "metrics.jsonl, W&B run, eval/, model/, summary.json).  Prints the overall test "
+            "metrics.  Exit status 1 when the config is invalid or the run was interrupted."),
+        epilog="examples:\n"
+               "  echomoe train configs/experiments/multitask.yaml\n"
+               "  echomoe train configs/experiments/report.yaml model.variant=moe_region_soft \\\n"
+               "      train.steps=200 train.seed=1 output_dir=runs/report-soft-1",
+        formatter_class=formatter)
+    train.add_argument("config", metavar="CONFIG", help="experiment YAML "
+                       "(configs/experiments/*.yaml)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted overrides applied after the file, e.g. train.steps=50 "
+                            "(default: none)")
+    train.add_argument("--no-progress", action="store_true",
+                       help="hide the progress bars (default: shown)")
+    train.set_defaults(func=_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``echomoe`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
     return args.func(args)
 

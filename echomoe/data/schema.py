@@ -92,6 +92,7 @@ class UltrasoundSample:
 
     @property
     def region_id(self) -> int:
+        """Index of :attr:`region` in :data:`REGIONS` (``-1`` for ``"unknown"``)."""
         return region_index(self.region)
 
     def image_array(self, i: int = 0) -> np.ndarray:

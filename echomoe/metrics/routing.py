@@ -242,7 +242,9 @@ def _as_matrix(value: Any) -> np.ndarray:
 
 
 def row_normalize(matrix: Any) -> np.ndarray:
-    """Each row divided by its sum (rows summing to 0 stay 0): ``P(expert | region)``."""
+    """``(R, E)`` counts (array, tensor, or a routing report's ``{"region_expert": ...}``) ->
+    ``(R, E)`` float array, each row divided by its sum (rows summing to 0 stay 0):
+    ``P(expert | region)``."""
     m = _as_matrix(matrix)
     sums = m.sum(axis=1, keepdims=True)
     return np.divide(m, sums, out=np.zeros_like(m), where=sums > 0)

@@ -135,10 +135,14 @@ class ImageEncoder(nn.Module):
         return rearrange(patches, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
 
     def forward(self, x: Tensor) -> Tensor:
-        """Same as :meth:`forward_features`."""
+        """Same as :meth:`forward_features`: ``(B, C_in, H, W) -> (B, N, C)``."""
         return self.forward_features(x)
 
     def forward_features(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
+        """Final patch tokens: ``(B, C_in, H, W) -> (B, N, C)`` with ``N = (H/p)·(W/p)``.
+
+        Prefix tokens (class / register tokens) are dropped; ``C`` is :attr:`hidden_size`.
+        """
         raise NotImplementedError
 
     def forward_intermediates(
@@ -149,6 +153,19 @@ class ImageEncoder(nn.Module):
         norm: bool = False,
         intermediates_only: bool = False,
     ) -> tuple[Tensor, list[Tensor]] | list[Tensor]:  # pragma: no cover - interface
+        """Final tokens plus intermediate block outputs as feature maps (timm's interface).
+
+        Args:
+            x: images ``(B, 1 | C_in, H, W)``, floating point.
+            indices: blocks to return: ``None`` (all), an int ``n`` (the last ``n``) or a list
+                of block indices (negative counts from the end); see :meth:`resolve_indices`.
+            norm: apply the final norm to the returned maps.
+            intermediates_only: return only the maps.
+
+        Returns:
+            ``(tokens (B, N, C), maps)`` where ``maps`` is a list of ``(B, C, H/p, W/p)``
+            tensors, one per requested block, or only ``maps`` with ``intermediates_only``.
+        """
         raise NotImplementedError
 
 

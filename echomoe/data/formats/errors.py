@@ -275,7 +275,7 @@ def check_mask_shape(mask_shape: tuple[int, ...], shape: tuple[int, ...], path: 
 
 
 def mask_bbox(mask: np.ndarray) -> list[int] | None:
-    """``[x_min, y_min, x_max, y_max]`` (inclusive) of the mask's pixels; ``None`` if empty."""
+    """``[x_min, y_min, x_max, y_max]`` (inclusive) of an ``(H, W)`` mask; ``None`` if empty."""
     ys = np.flatnonzero(mask.any(axis=1))
     xs = np.flatnonzero(mask.any(axis=0))
     if ys.size == 0:

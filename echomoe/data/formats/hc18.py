@@ -45,7 +45,8 @@ _HEADERS = {"filename": "filename", "pixel_size": "pixel size(mm)", "hc": "head 
 
 
 def fill_outline(outline: np.ndarray) -> np.ndarray:
-    """Fill a closed convex outline: per row, every pixel between its outermost outline pixels."""
+    """Fill a closed convex ``(H, W)`` bool outline: per row, every pixel between its outermost
+    outline pixels; returns an ``(H, W)`` bool mask."""
     mask = np.zeros_like(outline, dtype=bool)
     rows = np.flatnonzero(outline.any(axis=1))
     for y in rows:
@@ -56,6 +57,9 @@ def fill_outline(outline: np.ndarray) -> np.ndarray:
 
 def ellipse_axes(mask: np.ndarray) -> dict[str, tuple[float, float]]:
     """Endpoints of the major and minor axes of the ellipse that has ``mask``'s moments.
+
+    ``mask`` is a non-empty ``(H, W)`` bool array.  Returns ``major_axis_1``, ``major_axis_2``,
+    ``minor_axis_1``, ``minor_axis_2``: ``(x, y)`` pixel endpoints, each pair sorted by ``x``.
 
     For a filled ellipse with semi-axes ``a >= b`` the coordinate covariance has eigenvalues
     ``a^2/4`` and ``b^2/4``, so ``a = 2 sqrt(lambda_max)`` along its eigenvector.

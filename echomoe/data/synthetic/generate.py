@@ -103,18 +103,20 @@ class SyntheticConfig:
 
 
 def bbox(mask: np.ndarray) -> list[int]:
-    """``[x_min, y_min, x_max, y_max]`` (inclusive pixel indices) of a non-empty mask."""
+    """``[x_min, y_min, x_max, y_max]`` (inclusive pixel indices) of a non-empty ``(H, W)``
+    bool mask."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     return [int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])]
 
 
 def boundary(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with a 4-neighbour outside it (the image border counts as outside)."""
+    """``(H, W)`` bool: pixels of ``mask (H, W)`` with a 4-neighbour outside it (the image
+    border counts as outside)."""
     return mask & ~phantom.erode(mask)
 
 
 def calipers(mask: np.ndarray) -> dict[str, tuple[float, float]]:
-    """Long- and short-axis caliper endpoints ``(x, y)`` on the boundary of ``mask``.
+    """Long- and short-axis caliper endpoints ``(x, y)`` on the boundary of ``mask (H, W)``.
 
     Long axis: the two boundary pixels farthest apart (start = smaller ``x``, then ``y``).
     Short axis: over 1-px bins of position along the long axis, the pair of boundary pixels
@@ -148,7 +150,12 @@ def _third(value: float, size: int, names: tuple[str, str, str]) -> str:
 
 
 def lesion_measurements(mask: np.ndarray, spacing: float) -> tuple[dict[str, Any], dict]:
-    """Measured lesion attributes (orientation, sizes, location) and caliper keypoints."""
+    """Measured lesion attributes (orientation, sizes, location) and caliper keypoints.
+
+    ``mask`` is the non-empty ``(S, S)`` bool lesion mask, ``spacing`` its mm per pixel.
+    Returns ``(attributes, keypoints)``: ``{"orientation", "size_long_mm", "size_short_mm",
+    "location"}`` and :func:`calipers`' named ``(x, y)`` points.
+    """
     kp = calipers(mask)
     x0, y0, x1, y1 = bbox(mask)
     ys, xs = np.nonzero(mask)
