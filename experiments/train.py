@@ -8,6 +8,11 @@ Example (a smoke run)::
 Loads and validates the config (:func:`echomoe.config.load_config`), then runs
 :func:`echomoe.train.experiment.run_experiment` (data -> model -> train -> evaluate -> save) and
 prints the summary and where the logs / W&B offline run are.
+
+Several processes (see the README, "Scaling out")::
+
+    torchrun --nproc_per_node 2 experiments/train.py CONFIG.yaml [key=value ...]
+    python experiments/train.py CONFIG.yaml deepspeed=configs/deepspeed/zero2.json
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     summary = run_experiment(cfg)
+    from echomoe.distributed import world_info
+
+    if not world_info().is_main:  # the other ranks of a torchrun job stay quiet
+        return 0
     print(json.dumps(summary["metrics"], indent=2))
     print(f"summary: {summary['output_dir']}/summary.json; model: {summary['model_dir']}")
     print(summary["where"])

@@ -14,6 +14,8 @@ Backends (same weights, same results):
 * ``grouped_mm``: sort assignments by expert and run one grouped GEMM per projection
   (:mod:`echomoe.moe.dispatch`); the default, runs on CPU and GPU.
 * ``megablocks``: MegaBlocks' grouped GEMM kernels on CUDA; imported lazily, GPU only.
+* ``expert_parallel``: computes like ``grouped_mm`` in one process; under ``torchrun`` the
+  experts are split across ranks (:func:`echomoe.distributed.shard_experts`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from echomoe.moe.dispatch import gated_activation, grouped_experts_forward, grou
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 PLAIN_ACTIVATIONS = ("gelu", "relu", "silu")
 ACTIVATIONS = GATED_ACTIVATIONS + PLAIN_ACTIVATIONS
-BACKENDS = ("grouped_mm", "loop", "megablocks")
+BACKENDS = ("grouped_mm", "loop", "megablocks", "expert_parallel")
 
 
 def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

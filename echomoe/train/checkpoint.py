@@ -14,6 +14,14 @@ leaves only a hidden temporary directory (ignored by :func:`latest_checkpoint` a
 ``best``) moves the old directory aside first, so there is no moment without a complete copy on
 disk (at worst under its ``.old`` name).
 
+**Several processes** (``torchrun`` / DeepSpeed, see :mod:`echomoe.distributed`): the same
+directory, written collectively.  Rank 0 writes ``model.safetensors`` with the *consolidated*
+weights (expert-parallel shards gathered, ZeRO-3 partitions gathered: it loads into a
+single-process model) and ``meta.json`` (plus ``world_size`` and ``strategy``); rank ``r``
+writes its own optimiser / scheduler / RNG state as ``training_state.pt`` (rank 0) or
+``training_state_rank<r>.pt``; under DeepSpeed the optimiser state is DeepSpeed's own sharded
+checkpoint in ``deepspeed/``.  Resuming needs the same number of processes.
+
 **Pickle.**  ``training_state.pt`` is loaded with ``torch.load(weights_only=True)``: optimiser
 and :func:`~echomoe.train.optim.warmup_cosine_scheduler` states hold only tensors, numbers,
 strings, lists, tuples and dicts, and the RNG states are stored in that form too (the numpy key

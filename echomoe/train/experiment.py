@@ -20,8 +20,13 @@ Periodic evaluation (every ``train.eval_every``) is the teacher-forced loss on u
 when ``train.best_metric`` is another key, the generation harness
 (:func:`~echomoe.metrics.harness.evaluate_model`) runs too (keys ``eval/<task>/<metric>``).
 The final evaluation runs the harness on ``data.test_split``.  Not wired here yet:
-``train.schedule`` other than cosine, ``train.betas`` / ``eps``, ``train.precision`` (fp32)
-and DeepSpeed.
+``train.schedule`` other than cosine, ``train.betas`` / ``eps`` and ``train.precision``
+(fp32; bf16 through a DeepSpeed config).
+
+**Scaling out.**  ``deepspeed=<json>`` trains with DeepSpeed ZeRO; under
+``torchrun --nproc_per_node N`` the same config trains data-parallel (DDP, expert parallelism
+for ``moe_config.backend=expert_parallel``).  Every rank trains and evaluates; rank 0 writes
+the logs, the summary and the consolidated ``model/``.
 """
 
 from __future__ import annotations
@@ -136,6 +141,18 @@ def predicted_masks(model, collator, samples, max_samples: int = 8) -> dict[str,
     return out
 
 
+class _SilentLogger:
+    """The logger of ranks other than 0: logs nothing."""
+
+    run_dir = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def describe(self) -> str:
+        return "logs are written by rank 0"
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +161,8 @@ def _device(name: str) -> torch.device:
 
 def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     """Run the experiment ``cfg`` end to end and return its summary (see module docstring)."""
-    from echomoe.config import config_to_dict, save_config
+    from echomoe.config import config_to_dict, deepspeed_config, save_config
+    from echomoe.distributed import init_distributed, save_pretrained_consolidated
     from echomoe.metrics.harness import evaluate_model, write_results
     from echomoe.metrics.routing import routing_heatmap
     from echomoe.train.checkpoint import seed_everything
@@ -154,7 +172,10 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     t, e, lg = cfg.train, cfg.eval, cfg.logging
     out = Path(cfg.output_dir or f"runs/{cfg.name}")
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    world = init_distributed()  # torchrun: one process group for DDP / DeepSpeed
+    main = world.is_main
+    if main:
+        save_config(cfg, out / "config.yaml")
     seed_everything(t.seed)
     started = time.perf_counter()
 
@@ -163,7 +184,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         if not splits.get(split):
             raise ValueError(f"data split {split!r} is missing or empty; have {sorted(splits)}")
     model, processor = build_model_and_processor(cfg)
-    model.to(_device(t.device))
+    model.to(world.device if world.world_size > 1 and t.device == "auto" else _device(t.device))
     if t.lora.enabled:
         apply_lora(model, target_modules=t.lora.target_modules, r=t.lora.r, alpha=t.lora.alpha,
                    dropout=t.lora.dropout, trainable=t.lora.modules_to_save)
@@ -186,7 +207,8 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         return metrics
 
     logger = RunLogger(lg.dir or out, config_to_dict(cfg), project=lg.project, mode=lg.mode,
-                       group=lg.group, name=cfg.name, tags=lg.tags, entity=lg.entity)
+                       group=lg.group, name=cfg.name, tags=lg.tags,
+                       entity=lg.entity) if main else _SilentLogger()
     probe = RoutingProbe(model)
 
     def log_fn(step: int, record: dict) -> None:
@@ -202,7 +224,8 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
             clip=t.clip, eval_fn=eval_fn, eval_every=t.eval_every, metric=t.best_metric,
             mode=t.best_mode, checkpoint_dir=out / "checkpoints",
             checkpoint_every=t.checkpoint_every, keep_last=t.keep_checkpoints, resume=t.resume,
-            seed=t.seed, stages=stages, log_fn=log_fn, progress=progress)
+            seed=t.seed, stages=stages, log_fn=log_fn, progress=progress,
+            deepspeed=deepspeed_config(cfg))
         probe.handle.remove()
 
         test_samples = splits[cfg.data.test_split][:e.num_samples]
@@ -210,8 +233,9 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
                                 e.max_new_tokens, progress=progress, seed=t.seed)
         step = len(history) and history[-1]["step"]
         logger.log_eval(step, result.metrics, prefix="test/")
-        write_results(result, out / "eval")
-        if result.routing:
+        if main:
+            write_results(result, out / "eval")
+        if result.routing and main:
             heatmap = routing_heatmap(result.routing, list(model.config.regions),
                                       path=out / "eval" / "routing.png", title=cfg.name)
             del heatmap
@@ -219,8 +243,9 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         masks = predicted_masks(model, collator, test_samples, lg.num_predictions)
         logger.log_predictions(result.records, test_samples, lg.num_predictions,
                                pred_masks=masks, step=step)
-        model.save_pretrained(out / "model")
-        processor.save_pretrained(out / "model")
+        save_pretrained_consolidated(model, out / "model")  # every rank; rank 0 writes
+        if main:
+            processor.save_pretrained(out / "model")
     except BaseException:
         logger.close({"name": cfg.name, "variant": cfg.model.variant, "seed": t.seed,
                       "group": lg.group, "status": "failed"})
@@ -234,7 +259,8 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         "wandb_dir": str(logger.run_dir) if logger.run_dir else None,
         "wall_time_s": time.perf_counter() - started,
     }
-    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
+    if main:
+        (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
     summary["where"] = logger.describe()
     logger.close({k: v for k, v in summary.items() if k != "where"})
     return summary

@@ -43,23 +43,14 @@ from torch import nn
 
 from echomoe.train.checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
     prune_checkpoints,
     remove_stale_tmp,
     rng_state,
-    save_checkpoint,
     seed_everything,
     set_rng_state,
     step_dirname,
 )
-from echomoe.train.optim import (
-    Stage,
-    apply_stage,
-    build_optimizer,
-    clip_gradients,
-    stage_at,
-    warmup_cosine_scheduler,
-)
+from echomoe.train.optim import Stage, apply_stage, stage_at
 
 BEST_DIRNAME = "best"
 
@@ -331,6 +322,8 @@ def train(
     log_fn: Callable[[int, dict], None] | None = None,
     progress: bool = True,
     handle_sigterm: bool = True,
+    deepspeed: Mapping[str, Any] | str | Path | None = None,
+    ep_size: int | None = None,
 ) -> History:
     """Train ``model`` for ``steps`` optimiser steps and return the per-step :class:`History`.
 
@@ -362,6 +355,20 @@ def train(
         progress: show a tqdm progress bar.
         handle_sigterm: on SIGTERM finish the current step, save a checkpoint and return with
             ``history.interrupted = True`` (main thread only).
+        deepspeed: a DeepSpeed config (dict or JSON path): train with DeepSpeed ZeRO (see
+            :class:`echomoe.distributed.zero.DeepSpeed`), in one process or under
+            ``torchrun``.
+        ep_size: expert parallelism under ``torchrun`` (``None``: shard the experts built with
+            ``backend="expert_parallel"`` over all ranks; ``1``: off).
+
+    **Several processes.**  Under ``torchrun --nproc_per_node P`` (or with ``deepspeed``) the
+    same call trains data-parallel: each rank reads its shard of the global batch (batch
+    ``i * P + r`` of ``train_batches`` at step ``i``), gradients are averaged (DDP or DeepSpeed),
+    losses in the history are averaged over ranks, and a step equals a one-process step with
+    ``P x grad_accum`` micro-batches.  ``eval_fn`` runs on every rank (expert parallelism and
+    ZeRO-3 need all ranks in a forward); ``log_fn`` and the progress bar run on rank 0; rank 0
+    writes the consolidated weights of a checkpoint and each rank its own training state, so
+    resuming needs the same number of processes (see :mod:`echomoe.distributed`).
 
     Each history record: ``step``, ``loss``, ``losses`` (raw named losses), ``lr``,
     ``grad_norm`` (before clipping), ``epoch``, ``stage``, ``step_time`` and, on evaluation
@@ -382,21 +389,32 @@ def train(
         raise ValueError("eval_every is set but no eval_fn was given")
     if loss_weights:
         set_loss_weights(model, loss_weights)
+    from echomoe.distributed.runtime import barrier
+    from echomoe.distributed.strategy import make_strategy
+
     source = as_batch_source(train_batches)
     device = next(model.parameters()).device
-    optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay,
-                                expert_lr_scale=expert_lr_scale)
-    scheduler = warmup_cosine_scheduler(optimizer, warmup=warmup, total=steps,
-                                        min_ratio=min_lr_ratio)
+    strategy = make_strategy(deepspeed=deepspeed, ep_size=ep_size,
+                             micro_batch_size=getattr(source, "batch_size", None))
+    if stages and strategy.name == "deepspeed":
+        strategy.on_stage_change()  # raises: DeepSpeed fixes the trainable parameters
+    strategy.setup(model, lr=lr, weight_decay=weight_decay, expert_lr_scale=expert_lr_scale,
+                   warmup=warmup, steps=steps, min_lr_ratio=min_lr_ratio,
+                   grad_accum=grad_accum, clip=clip)
+    module = strategy.module
+    main = strategy.world.is_main
+    source = strategy.shard(source)
     history = History()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     step, data_state, best = 0, {"epoch": 0, "index": 0}, None
     latest = None
     if ckpt_dir is not None:
-        remove_stale_tmp(ckpt_dir)
+        if main:
+            remove_stale_tmp(ckpt_dir)
+        barrier()
         latest = latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
-        info = load_checkpoint(latest, model, optimizer, scheduler)
+        info = strategy.load(latest)
         step, data_state = info["step"], info["data_state"]
         best = info["extra"].get("best")
         if info["extra"].get("seed", seed) != seed:
@@ -421,58 +439,63 @@ def train(
 
     def save(at: int, stage_name: str | None) -> None:
         extra = {"best": best, "seed": seed, "stage": stage_name, "steps": steps}
-        history.last_checkpoint = save_checkpoint(
-            ckpt_dir / step_dirname(at), model, optimizer, scheduler, step=at,
-            data_state=cursor.state(), extra=extra)
-        prune_checkpoints(ckpt_dir, keep_last)
+        history.last_checkpoint = strategy.save(
+            ckpt_dir / step_dirname(at), step=at, data_state=cursor.state(), extra=extra)
+        if main:
+            prune_checkpoints(ckpt_dir, keep_last)
+        barrier()
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=end, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=end, initial=step, desc="train", disable=not (progress and main),
+               dynamic_ncols=True)
     stage_index, stage_name = None, None
-    model.train()
+    module.train()
     try:
         while step < end:
             if stages:
                 index, stage = stage_at(stages, step)
                 if index != stage_index:
-                    apply_stage(model, stage)
+                    apply_stage(module, stage)
+                    strategy.on_stage_change()
                     stage_index, stage_name = index, stage.name
-            params = [p for p in model.parameters() if p.requires_grad]
+            params = [p for p in module.parameters() if p.requires_grad]
             if not params:
                 raise ValueError("no trainable parameter (everything is frozen)")
             started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
+            strategy.zero_grad()
             total, sums, counts = 0.0, {}, {}
             for micro in range(grad_accum):
+                last = micro == grad_accum - 1
                 batch = cursor.next()
                 position = {"epoch": cursor.epoch, "index": cursor.index - 1}
-                out = model(**_to_device(batch, device))
+                out = strategy.forward(_to_device(batch, device), last=last)
                 _check_loss(out, step=step + 1, micro=micro, grad_accum=grad_accum,
                             position=position)
                 loss = _field(out, "loss")
-                (loss / grad_accum).backward()
+                strategy.backward(loss, grad_accum=grad_accum, last=last)
                 total += loss.item() / grad_accum
                 for name, value in (_field(out, "losses") or {}).items():
                     sums[name] = sums.get(name, 0.0) + value.item()
                     counts[name] = counts.get(name, 0) + 1
             epoch = cursor.epoch  # of the step's last batch
-            grad_norm = clip_gradients(params, clip)
-            if not math.isfinite(grad_norm):
+            grad_norm = strategy.clip(params, clip)
+            if grad_norm is not None and not math.isfinite(grad_norm):
                 raise NonFiniteLossError(
                     f"non-finite gradient norm ({grad_norm}) at step {step + 1} with finite "
                     f"loss {total}; training stopped before the optimiser step.",
                     step=step + 1, names=["grad_norm"])
-            current_lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
+            current_lr = strategy.lr()
+            strategy.step()
+            if grad_norm is None:
+                grad_norm = strategy.grad_norm()
             step += 1
-            record = {"step": step, "loss": total,
-                      "losses": {k: sums[k] / counts[k] for k in sums}, "lr": current_lr,
+            total, means = strategy.reduce_record(total, sums, counts)
+            record = {"step": step, "loss": total, "losses": means, "lr": current_lr,
                       "grad_norm": grad_norm, "epoch": epoch, "stage": stage_name,
                       "step_time": time.perf_counter() - started}
             if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == steps):
-                record["eval"] = metrics = _evaluate(model, eval_fn)
+                record["eval"] = metrics = _evaluate(module, eval_fn)
                 if metric not in metrics:
                     raise KeyError(f"eval metric {metric!r} not in eval_fn's result; it has: "
                                    f"{sorted(metrics)}")
@@ -484,14 +507,15 @@ def train(
                     best = {"step": step, "metric": metric, "value": value}
                     history.best = best
                     if ckpt_dir is not None:
-                        save_checkpoint(ckpt_dir / BEST_DIRNAME, model, step=step,
-                                        data_state=cursor.state(), extra={"best": best})
+                        strategy.save(ckpt_dir / BEST_DIRNAME, step=step,
+                                      data_state=cursor.state(), extra={"best": best},
+                                      weights_only=True)
             history.append(record)
-            if log_fn is not None:
+            if log_fn is not None and main:
                 log_fn(step, dict(record))
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{current_lr:.2e}")
-            interrupted = stop["signal"] is not None
+            interrupted = strategy.any_rank(stop["signal"] is not None)
             periodic = checkpoint_every and step % checkpoint_every == 0
             if ckpt_dir is not None and (periodic or interrupted or step == end):
                 save(step, stage_name)

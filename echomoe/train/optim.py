@@ -114,6 +114,35 @@ def param_groups(
     return groups
 
 
+def split_moe_groups(groups: list[dict]) -> list[dict]:
+    """Split DeepSpeed-MoE parameters out of ``groups`` into their own ``"moe": True`` groups.
+
+    DeepSpeed marks the parameters of its expert-parallel layers (``deepspeed.moe.layer.MoE``)
+    with ``allreduce=False`` and a ``group_name`` (``"ep_size_<P>"``); under ZeRO each such
+    parameter must sit in a group flagged ``"moe": True`` holding only parameters of that
+    ``group_name``, or ``deepspeed.initialize`` fails ("the model has moe layers, but none of
+    the param groups are marked as MoE").  This mirrors DeepSpeed's
+    ``split_params_into_different_moe_groups_for_optimizer``: every group keeps its settings,
+    its DeepSpeed-MoE parameters move to a copy with ``"moe": True`` whose ``name`` is the
+    ``group_name`` (DeepSpeed looks the expert-data-parallel group up by it); empty groups are
+    dropped.  Models without DeepSpeed-MoE layers (echomoe's
+    own MoE layers) come back unchanged.
+    """
+    out = []
+    for group in groups:
+        plain, moe = [], {}
+        for param in group["params"]:
+            if getattr(param, "allreduce", True) is False:
+                moe.setdefault(param.group_name, []).append(param)
+            else:
+                plain.append(param)
+        if plain:
+            out.append({**group, "params": plain})
+        for group_name, params in moe.items():
+            out.append({**group, "params": params, "moe": True, "name": group_name})
+    return out
+
+
 def build_optimizer(
     model: nn.Module,
     *,
@@ -123,12 +152,17 @@ def build_optimizer(
     eps: float = 1e-8,
     expert_lr_scale: float = 1.0,
     trainable_only: bool = False,
+    moe_groups: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (group ``lr = lr * lr_scale``)."""
+    """AdamW over :func:`param_groups` (group ``lr = lr * lr_scale``); ``moe_groups`` also
+    splits DeepSpeed-MoE parameters into ``"moe": True`` groups (:func:`split_moe_groups`, as
+    DeepSpeed ZeRO requires)."""
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     groups = param_groups(model, weight_decay=weight_decay, expert_lr_scale=expert_lr_scale,
                           trainable_only=trainable_only)
+    if moe_groups:
+        groups = split_moe_groups(groups)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -1,0 +1,191 @@
+"""DeepSpeed ZeRO as a training strategy of :func:`echomoe.train.train` (``deepspeed=``).
+
+echomoe hands DeepSpeed its own torch AdamW (expert / non-expert and decay / no-decay groups,
+DeepSpeed-MoE parameters in ``"moe": True`` groups) and warmup-cosine schedule; the config's
+``"auto"`` values are filled from the training arguments.  Checkpoints hold the consolidated
+weights (``model.safetensors``, rank 0) next to DeepSpeed's own sharded state
+(``deepspeed/``), so a run resumes with the same number of processes and its weights load
+anywhere.  ZeRO-3 works with every echomoe MoE variant
+(:func:`register_moe_parameters_for_zero3`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from echomoe.distributed.checkpoint import full_state_dict
+from echomoe.distributed.expert_parallel import has_expert_parallel_backend
+from echomoe.distributed.runtime import init_distributed
+from echomoe.distributed.strategy import DistributedBase
+
+
+class DeepSpeed(DistributedBase):
+    """DeepSpeed ZeRO (stage 0-3, bf16) around echomoe's AdamW and schedule.
+
+    Args:
+        config: a DeepSpeed config dict or JSON path.  ``"auto"`` values are filled in:
+            ``gradient_accumulation_steps`` <- ``grad_accum``, ``gradient_clipping`` <-
+            ``clip`` (0 = off), ``train_micro_batch_size_per_gpu`` <- ``micro_batch_size``.
+            Its ``optimizer`` / ``scheduler`` sections are refused: echomoe passes its own
+            torch AdamW (expert / non-expert groups, no fused-Adam build) and warmup-cosine.
+        micro_batch_size: the per-rank batch size (DeepSpeed's bookkeeping only).
+
+    Works in one process too (a world of one is initialised).  Expert parallelism is not
+    combined with DeepSpeed here: echomoe's experts are replicated (ZeRO partitions their
+    optimiser state, gradients and, at stage 3, the weights themselves), so every MoE variant
+    trains under ZeRO-3.  For expert parallelism use ``torchrun`` without ``deepspeed=``.
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, config: dict | str | os.PathLike, *, micro_batch_size: int | None = None):
+        init_distributed(force=True)
+        super().__init__()
+        if not isinstance(config, Mapping):
+            config = json.loads(Path(config).read_text())
+        for section in ("optimizer", "scheduler"):
+            if section in config:
+                raise ValueError(
+                    f"remove the {section!r} section from the DeepSpeed config: echomoe passes "
+                    "its own torch AdamW (expert / non-expert parameter groups) and warmup-cosine"
+                    " schedule (a DeepSpeed-config AdamW would also JIT-compile fused Adam)")
+        self.config = json.loads(json.dumps(config))
+        self.micro_batch_size = micro_batch_size
+        self.engine = None
+
+    def _fill(self, grad_accum: int, clip: float | None) -> dict:
+        cfg = self.config
+        fill = {"gradient_accumulation_steps": grad_accum,
+                "gradient_clipping": float(clip or 0.0),
+                "train_micro_batch_size_per_gpu": self.micro_batch_size or 1}
+        for key, value in fill.items():
+            if cfg.get(key, "auto") == "auto":
+                cfg[key] = value
+        if cfg["gradient_accumulation_steps"] != grad_accum:
+            raise ValueError(f"DeepSpeed gradient_accumulation_steps="
+                             f"{cfg['gradient_accumulation_steps']} but grad_accum={grad_accum}; "
+                             "set it to \"auto\"")
+        if cfg.get("train_batch_size") == "auto":
+            del cfg["train_batch_size"]
+        for section in ("bf16", "fp16"):
+            if isinstance(cfg.get(section), dict) and cfg[section].get("enabled") == "auto":
+                cfg[section]["enabled"] = section == "bf16" and torch.cuda.is_available()
+        return cfg
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.config.get("zero_optimization", {}).get("stage", 0))
+
+    def setup(self, model: nn.Module, *, lr: float, weight_decay: float, expert_lr_scale: float,
+              warmup: int, steps: int, min_lr_ratio: float, grad_accum: int,
+              clip: float | None) -> None:
+        import deepspeed
+
+        from echomoe.train.optim import build_optimizer, warmup_cosine_scheduler
+
+        if has_expert_parallel_backend(model) and self.world.world_size > 1:
+            warnings.warn("backend='expert_parallel' under DeepSpeed: the experts stay "
+                          "replicated on every rank (ZeRO partitions them); launch without "
+                          "deepspeed= for expert parallelism", stacklevel=3)
+        config = self._fill(grad_accum, clip)
+        optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay,
+                                    expert_lr_scale=expert_lr_scale, trainable_only=True,
+                                    moe_groups=True)
+        scheduler = warmup_cosine_scheduler(optimizer, warmup=warmup, total=steps,
+                                            min_ratio=min_lr_ratio)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.model = self.engine
+        if self.zero_stage == 3:
+            register_moe_parameters_for_zero3(model)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def on_stage_change(self) -> None:
+        raise ValueError("staged training (train.stages) is not supported with DeepSpeed: "
+                         "DeepSpeed fixes the trainable parameters when the engine is built. "
+                         "Run one job per stage instead.")
+
+    def zero_grad(self) -> None:
+        """DeepSpeed zeroes the gradients in its own ``step``."""
+
+    def forward(self, batch: dict, *, last: bool):
+        return self.engine(**batch)
+
+    def backward(self, loss: torch.Tensor, *, grad_accum: int, last: bool) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+        if not last:
+            self.engine.step()  # counts the micro-batch; no update before the boundary
+
+    def clip(self, params, max_norm) -> None:
+        return None  # DeepSpeed clips inside step() (gradient_clipping)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _full_state(self) -> dict | None:
+        return full_state_dict(self.module, self.engine)
+
+    def _write_training_state(self, tmp: Path) -> None:
+        from echomoe.train.checkpoint import rng_state
+
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        torch.save({"rng": rng_state()}, self._state_file(tmp))
+
+    def _read_training_state(self, path: Path) -> None:
+        from echomoe.train.checkpoint import _load_state, set_rng_state
+
+        self.engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+        set_rng_state(_load_state(self._state_file(path), "cpu", False)["rng"])
+
+    def load(self, path: Path) -> dict:
+        from echomoe.train.checkpoint import read_meta
+
+        meta = read_meta(path)
+        if meta.get("world_size", 1) != self.world.world_size:
+            raise ValueError(f"{path} was written by {meta.get('world_size')} processes, "
+                             f"this run has {self.world.world_size}")
+        self._read_training_state(path)  # module, optimiser and schedule from DeepSpeed
+        return {"step": meta["step"], "data_state": meta["data_state"],
+                "extra": meta["extra"], "path": path}
+
+
+def register_moe_parameters_for_zero3(model: nn.Module) -> int:
+    """Let ZeRO-3 gather the parameters of echomoe's MoE layers around their backward.
+
+    ZeRO-3 re-gathers a module's partitioned parameters before its backward through hooks on
+    the module's *tensor* outputs.  ``MoELayer`` and its routers return dataclasses
+    (``MoEOutput``, ``RouterOutput``) that those hooks cannot see, so their parameters would
+    stay partitioned when autograd needs them.  The adapter that wraps each MoE layer in a
+    decoder layer returns a plain tensor: registering the layer's parameters as *external*
+    parameters of the adapter makes ZeRO-3 gather them for the adapter's forward and backward.
+    Returns the number of parameters registered.
+    """
+    import deepspeed
+
+    register_external_parameter = deepspeed.zero.register_external_parameter
+
+    count = 0
+    for module in model.modules():
+        inner = getattr(module, "moe", None)
+        if isinstance(inner, nn.Module) and module is not inner:
+            for param in inner.parameters():
+                register_external_parameter(module, param)
+                count += 1
+    return count
