@@ -10,6 +10,9 @@ the LM's last hidden state at the ``[SEG]`` / ``[DET]`` / ``[KPT]`` tokens)::
     logits = masks(h_seg, pixel(feats), image_size=(H, W))            # (B, H, W)
     boxes = BoxHead(hidden_size=896)(h_det)                            # (B, 4) cx, cy, w, h
     points = KeypointHead(hidden_size=896, num_keypoints=4)(h_kpt)     # (B, 4, 2) x, y
+    # or heads that look at the pixels (soft-argmax over a task-token query heatmap):
+    pix = pixel(feats)
+    boxes = HeatmapBoxHead(hidden_size=896, in_channels=pixel.out_channels)(h_det, pix)
     mm = measure_mm(points, [(0, 1), (2, 3)], original_sizes, pixel_spacing)   # (B, 2)
     losses = {**mask_loss(logits, batch["masks"], batch["has_mask"]),
               **box_loss(boxes, batch["boxes"], batch["has_box"]),
@@ -34,6 +37,7 @@ from echomoe.grounding.losses import (
 )
 from echomoe.grounding.mask_decoder import DotProductMaskHead, DynamicConvMaskDecoder
 from echomoe.grounding.pixel_decoder import UPSAMPLE_MODES, PixelDecoder, coordinate_channels
+from echomoe.grounding.spatial_heads import HeatmapBoxHead, HeatmapKeypointHead, soft_argmax
 
 MASK_DECODERS = {"dynamic_conv": DynamicConvMaskDecoder, "dot_product": DotProductMaskHead}
 """Mask decoder classes by name (same constructor keywords ``hidden_size``, ``in_channels``)."""
@@ -44,6 +48,8 @@ __all__ = [
     "BoxHead",
     "DotProductMaskHead",
     "DynamicConvMaskDecoder",
+    "HeatmapBoxHead",
+    "HeatmapKeypointHead",
     "KeypointHead",
     "PixelDecoder",
     "box_loss",
@@ -56,4 +62,5 @@ __all__ = [
     "keypoints_to_pixels",
     "mask_loss",
     "measure_mm",
+    "soft_argmax",
 ]

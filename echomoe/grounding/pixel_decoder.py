@@ -6,7 +6,14 @@ Data flow (axis legend: ``B`` batch, ``L`` number of intermediate maps, ``C_i`` 
     features[i] (B, C_i, h_i, w_i) --lateral 1x1 conv + GroupNorm--> (B, D, h_i, w_i)
     top-down: p = lat[L-1];  for i = L-2 .. 0:  p = fuse_i(lat[i] + resize(p, (h_i, w_i)))
     p (B, D, h_0, w_0) --log2(r) learned x2 upsampling stages--> (B, D, r*h_0, r*w_0)
+    (+ image stem: image (B, C_img, H, W) --strided 3x3 convs--> (B, D, H/s_out, W/s_out))
     --3x3 conv--> (B, D, ...) ++ coordinate channels (x, y) in [-1, 1] --> (B, D + 2, ...)
+
+The optional **image stem** (``image_channels > 0``) is a small strided CNN on the raw image,
+added to the upsampled ViT path before the output conv: the patch tokens of a ViT summarise
+``p x p`` pixels, so edges of structures smaller than a patch (a 3 mm stone on a 2 mm/pixel
+image) cannot be recovered from them alone; the stem carries them at the output stride, the
+role the stride-4 backbone features play in FPN / Mask2Former decoders.
 
 ``features`` are listed shallow -> deep (the order of ``forward_intermediates``).  For a plain
 ViT every map has the same stride (the patch size), so ``resize`` is the identity and the
@@ -73,6 +80,8 @@ class PixelDecoder(nn.Module):
             (interpolate x2 + 3x3 conv), each followed by GroupNorm + GELU.
         norm_groups: GroupNorm groups (reduced to ``gcd(channels, norm_groups)``).
         add_coords: append the ``(x, y)`` coordinate channels.
+        image_channels: channels of the raw image for the image stem (0: no stem).  With a
+            stem, :meth:`forward` needs ``image``.
 
     Attributes:
         out_channels: ``D + 2`` with coordinates, else ``D``; pass it to the mask decoder.
@@ -92,6 +101,7 @@ class PixelDecoder(nn.Module):
         upsample: str = "transposed",
         norm_groups: int = 8,
         add_coords: bool = True,
+        image_channels: int = 0,
     ):
         super().__init__()
         in_channels = [int(c) for c in in_channels]
@@ -128,9 +138,29 @@ class PixelDecoder(nn.Module):
             *(_upsample_stage(dim, upsample, norm_groups) for _ in range(factor.bit_length() - 1))
         )
         self.out_proj = nn.Conv2d(dim, dim, 3, padding=1)
+        if image_channels < 0:
+            raise ValueError(f"image_channels must be >= 0, got {image_channels}")
+        self.image_channels = image_channels
+        self.image_stem = None
+        if image_channels:
+            # log2(output_stride) stride-2 stages (at least one 3x3 conv), then a 1x1 to D.
+            stages, width, ch = [], max(dim // 2, 8), image_channels
+            for _ in range(max(int(math.log2(output_stride)), 0)):
+                stages.append(nn.Sequential(nn.Conv2d(ch, width, 3, stride=2, padding=1,
+                                                      bias=False),
+                                            group_norm(width, norm_groups), nn.GELU()))
+                ch = width
+            if not stages:
+                stages.append(_conv_norm_act(ch, width, norm_groups))
+            stages.append(nn.Conv2d(width, dim, 1))
+            self.image_stem = nn.Sequential(*stages)
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
-        """``[(B, C_i, h_i, w_i)] * L`` (shallow -> deep) -> ``(B, out_channels, r*h_0, r*w_0)``."""
+    def forward(self, features: Sequence[Tensor], image: Tensor | None = None) -> Tensor:
+        """``[(B, C_i, h_i, w_i)] * L`` (shallow -> deep) -> ``(B, out_channels, r*h_0, r*w_0)``.
+
+        ``image`` ``(B, C_img, H, W)``: the raw image, required when the decoder has an image
+        stem (``H, W`` = ``output_stride`` x the output size) and ignored otherwise.
+        """
         if len(features) != len(self.in_channels):
             raise ValueError(f"PixelDecoder expects {len(self.in_channels)} feature maps, got "
                              f"{len(features)}")
@@ -144,7 +174,19 @@ class PixelDecoder(nn.Module):
             if p.shape[-2:] != lat[i].shape[-2:]:
                 p = F.interpolate(p, size=lat[i].shape[-2:], mode="nearest")
             p = self.fuse[i](lat[i] + p)
-        p = self.out_proj(self.upsample(p))
+        p = self.upsample(p)
+        if self.image_stem is not None:
+            if image is None:
+                raise ValueError("this PixelDecoder has an image stem (image_channels="
+                                 f"{self.image_channels}): pass image=(B, C, H, W)")
+            stem = self.image_stem(image.to(p.dtype))
+            if stem.shape[0] != p.shape[0] or stem.shape[-2:] != p.shape[-2:]:
+                raise ValueError(f"image {tuple(image.shape)} gives stem features "
+                                 f"{tuple(stem.shape)}, expected (B={p.shape[0]}, ., "
+                                 f"{p.shape[-2]}, {p.shape[-1]}): the image must be "
+                                 f"output_stride={self.output_stride} x the feature map")
+            p = p + stem
+        p = self.out_proj(p)
         if self.add_coords:
             b, _, h, w = p.shape
             p = torch.cat([p, coordinate_channels(b, h, w, device=p.device, dtype=p.dtype)], 1)

@@ -35,6 +35,9 @@ DEFAULT_GROUNDING: dict[str, Any] = {
     "conv_layers": 3,
     "num_keypoints": 4,
     "measure_pairs": [[0, 1], [2, 3]],  # caliper pairs: long axis, short axis
+    "box_head": "heatmap",  # centre by soft-argmax over the pixel features; or "mlp"
+    "keypoint_head": "heatmap",  # one soft-argmax heatmap per keypoint; or "mlp"
+    "image_stem": True,  # a strided CNN on the raw image feeds the pixel decoder
 }
 
 DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
@@ -91,6 +94,10 @@ class EchoMoEConfig(PretrainedConfig):
         predict_region: use the region classifier's prediction when no region id is given.
         image_token_id, seg_token_id, det_token_id, kpt_token_id: tokenizer ids.
         loss_weights: overrides of :data:`DEFAULT_LOSS_WEIGHTS`.
+        **kwargs: ``PretrainedConfig`` fields.  ``pad_token_id`` / ``bos_token_id`` /
+            ``eos_token_id`` default to 0 / 1 / 2, the ids of
+            :func:`echomoe.data.tokenizer.train_tokenizer`, so ``generate()`` stops at the end of
+            the text without being told; set them to your tokenizer's ids otherwise.
     """
 
     model_type = "echomoe"
@@ -148,6 +155,8 @@ class EchoMoEConfig(PretrainedConfig):
         self.det_token_id = det_token_id
         self.kpt_token_id = kpt_token_id
         kwargs.setdefault("tie_word_embeddings", False)
+        for name, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+            kwargs.setdefault(name, value)
         super().__init__(**kwargs)
 
     @property

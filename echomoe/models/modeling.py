@@ -34,6 +34,8 @@ from echomoe.grounding import (
     BoxHead,
     DotProductMaskHead,
     DynamicConvMaskDecoder,
+    HeatmapBoxHead,
+    HeatmapKeypointHead,
     KeypointHead,
     PixelDecoder,
     box_loss,
@@ -133,6 +135,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         self.pixel_decoder = PixelDecoder(
             in_channels=[vision_dim] * n_maps, dim=g["pixel_dim"],
             input_stride=self.vision.patch_size, output_stride=g["output_stride"],
+            image_channels=config.in_channels if g["image_stem"] else 0,
         )
         if g["mask_decoder"] == "dynamic_conv":
             self.mask_decoder: nn.Module = DynamicConvMaskDecoder(
@@ -147,8 +150,17 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"unknown mask_decoder {g['mask_decoder']!r}; valid: dynamic_conv, dot_product"
             )
-        self.box_head = BoxHead(hidden_size=lm_dim)
-        self.keypoint_head = KeypointHead(hidden_size=lm_dim, num_keypoints=g["num_keypoints"])
+        pixel_dim = self.pixel_decoder.out_channels
+        for key in ("box_head", "keypoint_head"):
+            if g[key] not in ("mlp", "heatmap"):
+                raise ValueError(f"unknown grounding_config {key} {g[key]!r}; valid: mlp, heatmap")
+        self.box_head = (BoxHead(hidden_size=lm_dim) if g["box_head"] == "mlp" else
+                         HeatmapBoxHead(hidden_size=lm_dim, in_channels=pixel_dim))
+        self.keypoint_head = (
+            KeypointHead(hidden_size=lm_dim, num_keypoints=g["num_keypoints"])
+            if g["keypoint_head"] == "mlp" else
+            HeatmapKeypointHead(hidden_size=lm_dim, in_channels=pixel_dim,
+                                num_keypoints=g["num_keypoints"]))
         self.post_init()
 
     # -- HF plumbing ----------------------------------------------------------------------
@@ -212,7 +224,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
             "embeds": self.projector(tokens),  # (M, P, D_lm)
             "counts": counts,
             "pooled_tokens": first_tokens,  # (B, P, C_v)
-            "pixel_features": self.pixel_decoder([m[first] for m in maps]),
+            "pixel_features": self.pixel_decoder([m[first] for m in maps], images[first]),
         }
 
     def _merge_image_embeds(self, input_ids: Tensor, embeds: Tensor, image_embeds: Tensor,
@@ -345,18 +357,27 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
                                         bce_weight=1.0, dice_weight=1.0))
         has_det, det_h = self._task_hidden(hidden, input_ids, cfg.det_token_id)
         if has_det.any() or boxes is not None:
-            preds["boxes"] = self.box_head(det_h)
+            preds["boxes"] = self._spatial_head(self.box_head, det_h, images)
             if boxes is not None:
                 flags = _flags(has_box, boxes.shape[0], boxes.device) & has_det
                 losses.update(box_loss(preds["boxes"], boxes.to(hidden.dtype), flags))
         has_kpt, kpt_h = self._task_hidden(hidden, input_ids, cfg.kpt_token_id)
         if has_kpt.any() or keypoints is not None:
-            preds["keypoints"] = self.keypoint_head(kpt_h)
+            preds["keypoints"] = self._spatial_head(self.keypoint_head, kpt_h, images)
             if keypoints is not None:
                 flags = _flags(has_keypoints, keypoints.shape[0], keypoints.device) & has_kpt
                 losses.update(keypoint_loss(preds["keypoints"], keypoints.to(hidden.dtype),
                                             flags))
         return preds
+
+    @staticmethod
+    def _spatial_head(head: nn.Module, hidden: Tensor, images: dict | None) -> Tensor:
+        """Run a box / keypoint head; heatmap heads also read the pixel features."""
+        if isinstance(head, HeatmapBoxHead | HeatmapKeypointHead):
+            if images is None:
+                raise ValueError(f"{type(head).__name__} needs pixel_values")
+            return head(hidden, images["pixel_features"])
+        return head(hidden)
 
     # -- from generated task tokens to pixels -----------------------------------------------
     @torch.no_grad()

@@ -245,10 +245,15 @@ class EchoMoEProcessor(ProcessorMixin):
         expected = {"<image>": config.image_token_id, "[SEG]": config.seg_token_id,
                     "[DET]": config.det_token_id, "[KPT]": config.kpt_token_id}
         wrong = {t: (ids[t], i) for t, i in expected.items() if ids[t] != i}
+        for name in ("pad_token_id", "eos_token_id"):  # generate() stops / pads with these
+            mine, theirs = getattr(tokenizer, name), getattr(config, name, None)
+            if theirs is not None and mine != theirs:
+                wrong[name.removesuffix("_id")] = (mine, theirs)
         if wrong:
             detail = ", ".join(f"{t}: tokenizer {a}, config {b}" for t, (a, b) in wrong.items())
             raise ValueError(f"tokenizer and config disagree on special token ids ({detail}); "
-                             "set image_token_id / seg_token_id / ... in the config")
+                             "set image_token_id / seg_token_id / ... / eos_token_id in the "
+                             "config")
         vocab = config.text_config.vocab_size
         if len(tokenizer) > vocab:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the LM vocabulary is "

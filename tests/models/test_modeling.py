@@ -66,6 +66,24 @@ def test_forward_losses_and_gradients(variant):
     assert missing == []
 
 
+def test_heatmap_heads_and_image_stem_train_and_ground():
+    spatial = {"box_head": "heatmap", "keypoint_head": "heatmap", "image_stem": True}
+    model = make_model("topk", grounding_config=spatial)
+    inputs = batch(model)
+    out = model(**inputs)
+    assert {"box_l1", "box_giou", "keypoint"} <= set(out.losses)
+    assert out.pred_boxes.shape == (2, 4) and out.pred_keypoints.shape == (2, 4, 2)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert model.pixel_decoder.image_stem[0][0].weight.grad.abs().sum() > 0
+    grounded = model.ground(inputs["input_ids"], inputs["pixel_values"],
+                            region_ids=inputs["region_ids"])
+    torch.testing.assert_close(grounded["keypoints"], out.pred_keypoints.detach())
+    with pytest.raises(ValueError, match="valid: mlp, heatmap"):
+        make_model("dense", grounding_config={"box_head": "conv"})
+
+
 def test_several_images_per_sample():
     model = make_model("topk")
     inputs = batch(model, images=3)
