@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="run only these runs (names or shell patterns)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their status")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at a time, one process each with cpu_count // N torch "
+                   "threads (default: 1, in this process)")
     p.add_argument("--emit-wandb", default=None, metavar="PATH",
                    help="write the equivalent W&B sweep YAML to PATH and exit")
     p.add_argument("--tables-only", action="store_true",
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None, run_fn=None) -> int:
         failed = []
         if not args.tables_only:
             runs = run_sweep(args.sweep, out_dir=args.out, run_fn=run_fn, only=args.only,
-                             dry_run=args.dry_run)
+                             dry_run=args.dry_run, jobs=args.jobs)
             if args.dry_run:
                 done = sum(r["status"] == "finished" for r in runs)
                 print(f"{len(runs)} runs, {done} finished, {len(runs) - done} to run")

@@ -57,21 +57,33 @@ _VARIANT_KEY = "model.variant"
 # ----------------------------------------------------------------------------- runs
 
 
-def _default_run_fn(experiment: Path) -> RunFn:
-    """A ``run_fn`` that loads ``experiment`` with the run's overrides and calls
-    :func:`echomoe.train.experiment.run_experiment` (imported on first use)."""
+class ExperimentRunner:
+    """The default ``run_fn``: load ``experiment`` with the run's overrides and call
+    :func:`echomoe.train.experiment.run_experiment` (imported on first use).  A class rather
+    than a closure so that it pickles into worker processes (``run_sweep(jobs=...)``).
 
-    def run(run_name: str, overrides: list[str]) -> None:
-        try:
-            from echomoe.train.experiment import run_experiment
-        except ImportError as err:  # pragma: no cover - depends on the training module
-            raise RuntimeError("echomoe.train.experiment.run_experiment is not available; "
-                               "pass run_fn= to run_sweep") from err
+    Args:
+        experiment: the experiment YAML the sweep points at.
+        progress: show the training / evaluation progress bars.
+    """
+
+    def __init__(self, experiment: str | os.PathLike, progress: bool = True):
+        self.experiment = Path(experiment)
+        self.progress = progress
+
+    def __call__(self, run_name: str, overrides: list[str]) -> None:
+        """Train and evaluate run ``run_name`` (its ``summary.json`` is written by it)."""
         from echomoe.config import load_config
+        from echomoe.train.experiment import run_experiment
 
-        run_experiment(load_config(experiment, overrides))
+        run_experiment(load_config(self.experiment, overrides), progress=self.progress)
 
-    return run
+
+def _set_threads(threads: int) -> None:
+    """Worker initialiser: ``threads`` intra-op threads per run."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
@@ -136,7 +148,7 @@ def _select(runs: list[tuple[str, list[str]]], only: Sequence[str] | None, sweep
 
 def run_sweep(sweep_path: str | os.PathLike, *, out_dir: str | os.PathLike | None = None,
               run_fn: RunFn | None = None, only: Sequence[str] | None = None,
-              dry_run: bool = False) -> list[dict[str, Any]]:
+              dry_run: bool = False, jobs: int = 1) -> list[dict[str, Any]]:
     """Run every run of a sweep that is not finished yet; return the runs' summaries.
 
     Args:
@@ -145,56 +157,92 @@ def run_sweep(sweep_path: str | os.PathLike, *, out_dir: str | os.PathLike | Non
             ``output_dir`` overrides are rewritten to ``<out_dir>/<run>``.
         run_fn: ``run_fn(run_name, overrides)`` trains one run and writes
             ``<output_dir>/summary.json``; default: load the experiment with the overrides and
-            call :func:`echomoe.train.experiment.run_experiment`.
+            call :func:`echomoe.train.experiment.run_experiment` (:class:`ExperimentRunner`).
+            With ``jobs > 1`` it must pickle (a module-level function or class instance).
         only: run names or ``fnmatch`` patterns to restrict the sweep to.
         dry_run: run nothing; return the plan (status ``finished`` or ``pending``).
+        jobs: runs trained at the same time, each in its own process with
+            ``cpu_count // jobs`` torch threads (tiny models use a core better one run per
+            core than one run on all cores); their progress bars are off.
 
     Returns:
         One dict per selected run, in grid order: the ``summary.json`` contents plus ``run``
         (run name), ``run_dir``, ``axes`` (``{axis: label}``) and, in a dry run, ``overrides``.
         Failed runs have ``status`` ``"failed"`` and ``error``.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     sweep = read_sweep(sweep_path)
     root = Path(out_dir if out_dir is not None else sweep.output_dir)
     axes = _run_axes(sweep)
     runs = _select(sweep.runs, only, sweep)
-    run_fn = run_fn or _default_run_fn(sweep.experiment)
-    results: list[dict[str, Any]] = []
-    for i, (run, overrides) in enumerate(runs, 1):
+    results: list[dict[str, Any] | None] = [None] * len(runs)
+    pending = []
+    for i, (run, overrides) in enumerate(runs):
         run_dir = root / run
         overrides = _with_out_dir(overrides, run_dir)
         summary = read_summary(run_dir)
         extra = {"run": run, "run_dir": str(run_dir), "axes": axes[run]}
-        tag = f"[{i}/{len(runs)}] {run}"
+        tag = f"[{i + 1}/{len(runs)}] {run}"
         if dry_run:
             status = "finished" if _is_finished(summary) else "pending"
             print(f"{tag}: {status}  {' '.join(overrides)}", flush=True)
-            results.append({**(summary or {}), "status": status, "overrides": overrides,
-                            **extra})
-            continue
-        if _is_finished(summary):
+            results[i] = {**(summary or {}), "status": status, "overrides": overrides, **extra}
+        elif _is_finished(summary):
             print(f"{tag}: finished, skipped", flush=True)
-            results.append({**summary, **extra})
-            continue
-        print(f"{tag}: running", flush=True)
-        error, tb = None, ""
-        try:
-            run_fn(run, overrides)
-        except Exception as err:  # noqa: BLE001 - one failed run must not stop the sweep
-            error = f"{type(err).__name__}: {err}"
-            tb = traceback.format_exc()
-        summary = read_summary(run_dir)
-        if error is None and not _is_finished(summary):
-            error, tb = f"run finished without a finished {SUMMARY} in {run_dir}", ""
-        if error is not None:
-            values = _parse_overrides(overrides)
-            summary = {"name": run, "variant": values.get(_VARIANT_KEY),
-                       "seed": values.get(_SEED_KEY), "group": values.get("logging.group"),
-                       "status": "failed", "error": error, "traceback": tb, "metrics": {}}
-            _write_json(run_dir / SUMMARY, summary)
-            print(f"{tag}: FAILED: {error}", file=sys.stderr, flush=True)
-        results.append({**summary, **extra})
-    return results
+            results[i] = {**summary, **extra}
+        else:
+            pending.append((i, tag, run, overrides, run_dir, extra))
+    if pending and (jobs == 1 or len(pending) == 1):
+        run_fn = run_fn or ExperimentRunner(sweep.experiment)
+        for i, tag, run, overrides, run_dir, extra in pending:
+            print(f"{tag}: running", flush=True)
+            results[i] = {**_run_one(run_fn, run, overrides, run_dir, tag), **extra}
+    elif pending:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        run_fn = run_fn or ExperimentRunner(sweep.experiment, progress=False)
+        workers = min(jobs, len(pending))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        print(f"running {len(pending)} runs, {workers} at a time, {threads} thread(s) each",
+              flush=True)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_set_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_one, run_fn, run, overrides, run_dir, tag): (i, extra)
+                       for i, tag, run, overrides, run_dir, extra in pending}
+            for future in futures:
+                i, extra = futures[future]
+                results[i] = {**future.result(), **extra}
+    return [r for r in results if r is not None]
+
+
+def _run_one(run_fn: RunFn, run: str, overrides: list[str], run_dir: Path,
+             tag: str) -> dict[str, Any]:
+    """Run one run; return its summary (a ``failed`` summary, also written, if it raised or
+    wrote no finished summary)."""
+    import time
+
+    started = time.perf_counter()
+    error, tb = None, ""
+    try:
+        run_fn(run, overrides)
+    except Exception as err:  # noqa: BLE001 - one failed run must not stop the sweep
+        error = f"{type(err).__name__}: {err}"
+        tb = traceback.format_exc()
+    summary = read_summary(run_dir)
+    if error is None and not _is_finished(summary):
+        error, tb = f"run finished without a finished {SUMMARY} in {run_dir}", ""
+    if error is not None:
+        values = _parse_overrides(overrides)
+        summary = {"name": run, "variant": values.get(_VARIANT_KEY),
+                   "seed": values.get(_SEED_KEY), "group": values.get("logging.group"),
+                   "status": "failed", "error": error, "traceback": tb, "metrics": {}}
+        _write_json(run_dir / SUMMARY, summary)
+        print(f"{tag}: FAILED: {error}", file=sys.stderr, flush=True)
+    else:
+        print(f"{tag}: finished in {time.perf_counter() - started:.0f} s", flush=True)
+    return summary
 
 
 def collect_results(source: str | os.PathLike | Iterable[str | os.PathLike]

@@ -96,6 +96,24 @@ def test_failed_run_is_recorded_and_sweep_continues(tmp_path):
     assert fixed.calls == ["moe_topk-seed0"]
 
 
+def test_parallel_jobs_run_in_worker_processes_and_record_failures(tmp_path):
+    fake = FakeRun(fail={"moe_topk-seed0"})
+    runs = run_sweep(DEMO, out_dir=tmp_path, run_fn=fake, jobs=2)
+    assert fake.calls == []  # the calls happened in the workers, on copies of fake
+    assert [r["run"] for r in runs] == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
+    assert [r["status"] for r in runs] == ["finished", "failed", "finished"]
+    assert "RuntimeError: boom in moe_topk-seed0" in runs[1]["error"]
+    assert runs[0]["metrics"] == {"eval/dice": 0.5}
+    assert json.loads((tmp_path / "dense-seed0" / "summary.json").read_text())["seed"] == 0
+    # resumable as before: only the failed run is left, and one pending run runs in-process
+    again = FakeRun()
+    assert [r["status"] for r in run_sweep(DEMO, out_dir=tmp_path, run_fn=again, jobs=2)] == \
+        ["finished"] * 3
+    assert again.calls == ["moe_topk-seed0"]
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        run_sweep(DEMO, out_dir=tmp_path, run_fn=again, jobs=0)
+
+
 def _summary(variant, seed, dice, bleu, group="g"):
     return {"name": f"{variant}-seed{seed}", "variant": variant, "seed": seed, "group": group,
             "status": "finished", "metrics": {"dice": dice, "bleu1": bleu}}
