@@ -121,6 +121,9 @@ def calipers(mask: np.ndarray) -> dict[str, tuple[float, float]]:
     Long axis: the two boundary pixels farthest apart (start = smaller ``x``, then ``y``).
     Short axis: over 1-px bins of position along the long axis, the pair of boundary pixels
     with the widest spread perpendicular to it (start = the one nearer the skin).
+    Each endpoint then moves half a pixel outwards along its axis, so the calipers sit on the
+    outer pixel edges as a sonographer places them: a structure ``n`` pixels across measures
+    ``n`` pixels (a one-pixel-thick stone is one pixel thick, not zero).
     """
     ys, xs = np.nonzero(boundary(mask))
     pts = np.stack([xs, ys], 1).astype(np.float64)
@@ -140,9 +143,11 @@ def calipers(mask: np.ndarray) -> dict[str, tuple[float, float]]:
     ends = np.r_[starts[1:] - 1, len(sb) - 1]
     spread = pv[order[ends]] - pv[order[starts]]
     k = int(np.argmax(spread))
-    p, q = pts[order[starts[k]]].tolist(), pts[order[ends[k]]].tolist()
-    s0, s1 = sorted([tuple(p), tuple(q)], key=lambda t: (t[1], t[0]))
-    return dict(zip(KEYPOINT_NAMES, (a, b, s0, s1), strict=True))
+    p, q = pts[order[starts[k]]] - 0.5 * v, pts[order[ends[k]]] + 0.5 * v
+    a, b = np.subtract(a, 0.5 * u), np.add(b, 0.5 * u)
+    s0, s1 = sorted([tuple(p.tolist()), tuple(q.tolist())], key=lambda t: (t[1], t[0]))
+    points = (tuple(a.tolist()), tuple(b.tolist()), s0, s1)
+    return dict(zip(KEYPOINT_NAMES, points, strict=True))
 
 
 def _third(value: float, size: int, names: tuple[str, str, str]) -> str:
