@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None, run_fn=None) -> int:
     written = write_results(summaries, out, group_by=group_by)
     print(results_markdown(summaries, group_by=group_by))
     print(f"wrote {written['csv']}, {written['markdown']} and {len(written['plots'])} plots")
+    offline = [s["wandb_dir"] for s in summaries if s.get("wandb_dir")]
+    if offline:
+        print("W&B runs (offline ones upload with `wandb sync <dir>`):")
+        print("\n".join(f"  {d}" for d in offline))
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1

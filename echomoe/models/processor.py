@@ -312,8 +312,10 @@ class EchoMoEProcessor(ProcessorMixin):
                 string or ``None``, else one image per text); or a list of lists (the images of
                 each text; ``[]`` for a text without images).
             text: a prompt or a list of prompts (``None``: empty prompts).
-            regions: optional region name(s) / id(s) (one for all, or one per sample;
-                ``"unknown"`` / ``-1`` = predict) -> ``region_ids``.
+            regions: optional region name(s) / id(s) (one for all, or one per sample) ->
+                ``region_ids``; ``"unknown"`` / ``-1`` routes that sample without region
+                information.  Leave ``regions`` out to let the model predict every sample's
+                region (``config.predict_region``).
             return_tensors: ``"pt"``, ``"np"`` or ``None`` (numpy arrays / lists).
             padding_side: ``"left"`` (generation) or ``"right"``.
 
