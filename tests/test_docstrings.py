@@ -30,8 +30,10 @@ PACKAGES = (
     "echomoe.cli",
     "echomoe.config",
     "echomoe.data",
+    "echomoe.distributed",
     "echomoe.grounding",
     "echomoe.metrics",
+    "echomoe.train",
     "echomoe.utils",
     "echomoe.vision",
 )

@@ -384,8 +384,9 @@ def deepspeed_config(config: ExperimentConfig) -> dict[str, Any] | None:
 
     ``train_micro_batch_size_per_gpu`` <- ``batch_size``, ``gradient_accumulation_steps`` <-
     ``grad_accum``, ``gradient_clipping`` <- ``clip`` (0 = off), ``bf16.enabled`` <-
-    ``precision != "fp32"``; ``train_batch_size: "auto"`` is dropped (DeepSpeed derives it).
-    ``None`` when ``config.deepspeed`` is unset.
+    ``precision == "bf16"`` for ``precision`` ``bf16`` / ``fp32`` (with ``auto`` it stays
+    ``"auto"``: the DeepSpeed strategy enables bf16 on CUDA only); ``train_batch_size:
+    "auto"`` is dropped (DeepSpeed derives it).  ``None`` when ``config.deepspeed`` is unset.
     """
     if config.deepspeed is None:
         return None
@@ -398,8 +399,10 @@ def deepspeed_config(config: ExperimentConfig) -> dict[str, Any] | None:
             data[key] = value
     if data.get("train_batch_size") == "auto":
         del data["train_batch_size"]
-    if isinstance(data.get("bf16"), dict) and data["bf16"].get("enabled") == "auto":
-        data["bf16"]["enabled"] = config.train.precision != "fp32"
+    bf16 = data.get("bf16")
+    if (isinstance(bf16, dict) and bf16.get("enabled") == "auto"
+            and config.train.precision != "auto"):
+        bf16["enabled"] = config.train.precision == "bf16"
     return data
 
 

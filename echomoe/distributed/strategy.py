@@ -20,6 +20,13 @@ their gradient (already summed over the expert-parallel group by the all-to-all 
 divided by the world size and all-reduced only across ranks holding the same experts.  The
 clipping norm adds the expert shards' squared norms over the expert-parallel group, so it is
 the norm of the whole model's gradient.
+
+**Precision.**  ``precision="bf16"`` runs each training forward (and the loss inside it) under
+``torch.autocast(device_type, dtype=torch.bfloat16)``; the weights, gradients and optimiser
+state stay fp32 and backward runs outside autocast.  ``"auto"`` is bf16 on CUDA and fp32
+elsewhere (:func:`resolve_precision`).  Under DeepSpeed the config's ``bf16`` section sets the
+precision instead (DeepSpeed keeps bf16 weights with fp32 master copies); see
+:class:`~echomoe.distributed.zero.DeepSpeed` for how the two are reconciled.
 """
 
 from __future__ import annotations
@@ -54,14 +61,46 @@ from echomoe.distributed.runtime import (
     world_info,
 )
 
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+"""Values of ``train(precision=...)`` (see :func:`resolve_precision`)."""
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` when it is one of :data:`PRECISIONS`, else a ``ValueError`` naming it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``"fp32"`` or ``"bf16"``: ``"auto"`` is bf16 on a CUDA ``device`` and fp32 elsewhere
+    (bf16 autocast is slower than fp32 on CPU); the others pass through."""
+    check_precision(precision)
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The context of a training forward: ``torch.autocast(device.type, torch.bfloat16)`` for
+    ``"bf16"``, a no-op for ``"fp32"`` (``precision`` already resolved)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
 
 def _field(out: Any, name: str) -> Any:
     return out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
 
 
 class Local:
-    """One process: AdamW (:func:`~echomoe.train.optim.build_optimizer`), warmup-cosine
-    schedule, ``clip_grad_norm_``; checkpoints via :mod:`echomoe.train.checkpoint`."""
+    """One process: AdamW (:func:`~echomoe.train.optim.build_optimizer`), warmup + decay
+    schedule (:func:`~echomoe.train.optim.build_scheduler`), ``clip_grad_norm_``, optional
+    bf16 autocast; checkpoints via :mod:`echomoe.train.checkpoint`.
+
+    ``precision`` (``"fp32"`` / ``"bf16"``, resolved by :meth:`setup`) is the precision of the
+    training forward.
+    """
 
     name = "local"
     distributed = False
@@ -70,19 +109,26 @@ class Local:
         self.world = world_info()
         self.model: nn.Module | None = None
         self.optimizer = self.scheduler = None
+        self.precision = "fp32"
+        self.device = torch.device("cpu")
 
     # -- set-up -------------------------------------------------------------------------
     def setup(self, model: nn.Module, *, lr: float, weight_decay: float, expert_lr_scale: float,
               warmup: int, steps: int, min_lr_ratio: float, grad_accum: int,
-              clip: float | None) -> None:
-        """Build the optimiser and scheduler for ``model``."""
-        from echomoe.train.optim import build_optimizer, warmup_cosine_scheduler
+              clip: float | None, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              schedule: str = "cosine", precision: str = "auto") -> None:
+        """Build the optimiser (AdamW with ``betas`` / ``eps``) and the ``schedule`` for
+        ``model`` and resolve ``precision`` on the model's device (see
+        :func:`~echomoe.train.loop.train` for the arguments)."""
+        from echomoe.train.optim import build_optimizer, build_scheduler
 
         self.model = model
-        self.optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay,
-                                         expert_lr_scale=expert_lr_scale)
-        self.scheduler = warmup_cosine_scheduler(self.optimizer, warmup=warmup, total=steps,
-                                                 min_ratio=min_lr_ratio)
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, self.device)
+        self.optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas,
+                                         eps=eps, expert_lr_scale=expert_lr_scale)
+        self.scheduler = build_scheduler(self.optimizer, schedule=schedule, warmup=warmup,
+                                         total=steps, min_ratio=min_lr_ratio)
 
     @property
     def module(self) -> nn.Module:
@@ -98,12 +144,19 @@ class Local:
 
     # -- a step -------------------------------------------------------------------------
     def zero_grad(self) -> None:
+        """Drop the gradients before a step's first micro-batch."""
         self.optimizer.zero_grad(set_to_none=True)
 
     def forward(self, batch: dict, *, last: bool):
-        return self.model(**batch)
+        """``model(**batch)`` under the training precision (``last``: the step's last
+        micro-batch).  ``batch`` holds the collated tensors (``input_ids [B, L]``,
+        ``pixel_values [B, C, H, W]``, targets, ...); returns the model output with ``loss``
+        (0-d) and ``losses`` (name -> 0-d)."""
+        with autocast(self.precision, self.device):
+            return self.model(**batch)
 
     def backward(self, loss: torch.Tensor, *, grad_accum: int, last: bool) -> None:
+        """Accumulate the gradient of ``loss / grad_accum`` (``loss`` 0-d, outside autocast)."""
         (loss / grad_accum).backward()
 
     def clip(self, params: list[nn.Parameter], max_norm: float | None) -> float | None:
@@ -113,13 +166,17 @@ class Local:
         return clip_gradients(params, max_norm)
 
     def lr(self) -> float:
+        """The learning rate of the first parameter group for the coming step."""
         return self.optimizer.param_groups[0]["lr"]
 
     def step(self) -> None:
+        """One optimiser step, then one scheduler step."""
         self.optimizer.step()
         self.scheduler.step()
 
     def grad_norm(self) -> float:
+        """The gradient norm of the last step when :meth:`clip` could not give it (not the
+        case here: raises)."""
         raise RuntimeError("the local strategy reports the norm from clip()")
 
     def reduce_record(self, total: float, sums: dict, counts: dict) -> tuple[float, dict]:
@@ -133,6 +190,9 @@ class Local:
     # -- checkpoints --------------------------------------------------------------------
     def save(self, path: Path, *, step: int, data_state: dict, extra: dict,
              weights_only: bool = False) -> Path:
+        """Write a checkpoint at ``path`` (model, and unless ``weights_only`` optimiser,
+        scheduler and RNG state; ``data_state`` and ``extra`` go to ``meta.json``); returns
+        ``path``."""
         from echomoe.train.checkpoint import save_checkpoint
 
         if weights_only:
@@ -142,6 +202,8 @@ class Local:
                                data_state=data_state, extra=extra)
 
     def load(self, path: Path) -> dict:
+        """Restore the checkpoint at ``path`` into the model, optimiser and scheduler; returns
+        ``{"step", "data_state", "extra", "path"}``."""
         from echomoe.train.checkpoint import load_checkpoint, read_meta
 
         saved_world = read_meta(path).get("world_size", 1)
@@ -208,6 +270,9 @@ class DistributedBase(Local):
 
     def save(self, path: Path, *, step: int, data_state: dict, extra: dict,
              weights_only: bool = False) -> Path:
+        """Collective checkpoint at ``path``: rank 0 writes the consolidated
+        ``model.safetensors`` and ``meta.json``, each rank its training state (unless
+        ``weights_only``); every rank must call it.  Returns ``path``."""
         from echomoe.train.checkpoint import CHECKPOINT_FORMAT, META_FILE, MODEL_FILE, _fsync_dir
 
         path = Path(path)
@@ -239,6 +304,8 @@ class DistributedBase(Local):
         return path
 
     def load(self, path: Path) -> dict:
+        """Restore a checkpoint written by the same number of processes (every rank calls it);
+        returns ``{"step", "data_state", "extra", "path"}``."""
         from echomoe.train.checkpoint import MODEL_FILE, read_meta
 
         meta = read_meta(path)
@@ -314,15 +381,22 @@ class DDP(DistributedBase):
         self._wrap()  # DDP registers its hooks for the parameters trainable at construction
 
     def forward(self, batch: dict, *, last: bool):
+        """The DDP-wrapped forward under the training precision; gradients of micro-batches
+        before the ``last`` one are not all-reduced (``no_sync``, closed by :meth:`backward`).
+        """
         self._sync = contextlib.nullcontext() if last else self.ddp.no_sync()
         self._sync.__enter__()
         try:
-            return self.ddp(**batch)
+            with autocast(self.precision, self.device):
+                return self.ddp(**batch)
         except BaseException:
             self._sync.__exit__(None, None, None)
             raise
 
     def backward(self, loss: torch.Tensor, *, grad_accum: int, last: bool) -> None:
+        """Backward of ``loss / grad_accum`` (0-d); on the ``last`` micro-batch the expert-
+        parallel gradients are divided by the world size and all-reduced over the ranks that
+        hold the same experts."""
         try:
             (loss / grad_accum).backward()
         finally:

@@ -1,11 +1,11 @@
 """DeepSpeed ZeRO as a training strategy of :func:`echomoe.train.train` (``deepspeed=``).
 
 echomoe hands DeepSpeed its own torch AdamW (expert / non-expert and decay / no-decay groups,
-DeepSpeed-MoE parameters in ``"moe": True`` groups) and warmup-cosine schedule; the config's
-``"auto"`` values are filled from the training arguments.  Checkpoints hold the consolidated
-weights (``model.safetensors``, rank 0) next to DeepSpeed's own sharded state
-(``deepspeed/``), so a run resumes with the same number of processes and its weights load
-anywhere.  ZeRO-3 works with every echomoe MoE variant
+DeepSpeed-MoE parameters in ``"moe": True`` groups, ``betas`` / ``eps``) and warmup + decay
+schedule; the config's ``"auto"`` values are filled from the training arguments.
+Checkpoints hold the consolidated weights (``model.safetensors``, rank 0) next to DeepSpeed's
+own sharded state (``deepspeed/``), so a run resumes with the same number of processes and
+its weights load anywhere.  ZeRO-3 works with every echomoe MoE variant
 (:func:`register_moe_parameters_for_zero3`).
 """
 
@@ -23,7 +23,34 @@ from torch import nn
 from echomoe.distributed.checkpoint import full_state_dict
 from echomoe.distributed.expert_parallel import has_expert_parallel_backend
 from echomoe.distributed.runtime import init_distributed
-from echomoe.distributed.strategy import DistributedBase
+from echomoe.distributed.strategy import DistributedBase, check_precision, resolve_precision
+
+
+def deepspeed_precision(config: dict, precision: str, device: torch.device | str) -> str:
+    """Reconcile ``train(precision=...)`` with a DeepSpeed ``config`` and return the precision
+    the config trains in (``"bf16"``, ``"fp16"`` or ``"fp32"``).
+
+    ``"enabled": "auto"`` in the config's ``bf16`` section becomes ``precision`` resolved on
+    ``device`` (:func:`~echomoe.distributed.strategy.resolve_precision`; ``fp16`` ``"auto"``
+    becomes off); ``config`` is changed in place.  Then the config governs: ``"auto"`` accepts
+    it, an explicit ``"bf16"`` / ``"fp32"`` that disagrees with it raises ``ValueError``.
+    """
+    wanted = resolve_precision(check_precision(precision), device)
+    enabled = {}
+    for section in ("bf16", "fp16"):
+        value = config.get(section)
+        if isinstance(value, Mapping) and value.get("enabled") == "auto":
+            value["enabled"] = section == "bf16" and wanted == "bf16"
+        enabled[section] = isinstance(value, Mapping) and value.get("enabled") is True
+    used = "bf16" if enabled["bf16"] else "fp16" if enabled["fp16"] else "fp32"
+    if precision != "auto" and used != precision:
+        raise ValueError(
+            f"precision={precision!r} conflicts with the DeepSpeed config, which trains in "
+            f"{used} (bf16.enabled={enabled['bf16']}, fp16.enabled={enabled['fp16']}). Under "
+            "DeepSpeed the config's bf16 section sets the precision: use a matching config "
+            "(configs/deepspeed/*_bf16.json for bf16), set \"bf16\": {\"enabled\": \"auto\"} "
+            "in it, or pass precision=\"auto\".")
+    return used
 
 
 class DeepSpeed(DistributedBase):
@@ -34,8 +61,15 @@ class DeepSpeed(DistributedBase):
             ``gradient_accumulation_steps`` <- ``grad_accum``, ``gradient_clipping`` <-
             ``clip`` (0 = off), ``train_micro_batch_size_per_gpu`` <- ``micro_batch_size``.
             Its ``optimizer`` / ``scheduler`` sections are refused: echomoe passes its own
-            torch AdamW (expert / non-expert groups, no fused-Adam build) and warmup-cosine.
+            torch AdamW (expert / non-expert groups, no fused-Adam build) and schedule.
         micro_batch_size: the per-rank batch size (DeepSpeed's bookkeeping only).
+
+    **Precision.**  The config's ``bf16`` / ``fp16`` sections set the precision (no
+    ``torch.autocast`` is added: DeepSpeed casts the model itself).  ``train(precision=...)``
+    must agree with them: ``bf16.enabled: "auto"`` becomes ``precision`` resolved on this
+    rank's device (``"auto"``: bf16 on CUDA, fp32 elsewhere); ``precision="auto"`` accepts
+    whatever the config says; ``"bf16"`` with a config without bf16 enabled (or ``"fp32"``
+    with bf16 / fp16 enabled) is a ``ValueError`` naming both (:func:`deepspeed_precision`).
 
     Works in one process too (a world of one is initialised).  Expert parallelism is not
     combined with DeepSpeed here: echomoe's experts are replicated (ZeRO partitions their
@@ -60,7 +94,7 @@ class DeepSpeed(DistributedBase):
         self.micro_batch_size = micro_batch_size
         self.engine = None
 
-    def _fill(self, grad_accum: int, clip: float | None) -> dict:
+    def _fill(self, grad_accum: int, clip: float | None, precision: str = "auto") -> dict:
         cfg = self.config
         fill = {"gradient_accumulation_steps": grad_accum,
                 "gradient_clipping": float(clip or 0.0),
@@ -74,32 +108,39 @@ class DeepSpeed(DistributedBase):
                              "set it to \"auto\"")
         if cfg.get("train_batch_size") == "auto":
             del cfg["train_batch_size"]
-        for section in ("bf16", "fp16"):
-            if isinstance(cfg.get(section), dict) and cfg[section].get("enabled") == "auto":
-                cfg[section]["enabled"] = section == "bf16" and torch.cuda.is_available()
+        self.precision = deepspeed_precision(cfg, precision, self.world.device)
         return cfg
 
     @property
     def zero_stage(self) -> int:
+        """The ZeRO stage of the config (0-3; 0 when it has no ``zero_optimization``)."""
         return int(self.config.get("zero_optimization", {}).get("stage", 0))
 
     def setup(self, model: nn.Module, *, lr: float, weight_decay: float, expert_lr_scale: float,
               warmup: int, steps: int, min_lr_ratio: float, grad_accum: int,
-              clip: float | None) -> None:
+              clip: float | None, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              schedule: str = "cosine", precision: str = "auto") -> None:
+        """Fill the config, check ``precision`` against it and build the DeepSpeed engine
+        around echomoe's AdamW (trainable parameters only) and ``schedule``."""
         import deepspeed
 
-        from echomoe.train.optim import build_optimizer, warmup_cosine_scheduler
+        from echomoe.train.optim import build_optimizer, build_scheduler
 
         if has_expert_parallel_backend(model) and self.world.world_size > 1:
             warnings.warn("backend='expert_parallel' under DeepSpeed: the experts stay "
                           "replicated on every rank (ZeRO partitions them); launch without "
                           "deepspeed= for expert parallelism", stacklevel=3)
-        config = self._fill(grad_accum, clip)
-        optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay,
-                                    expert_lr_scale=expert_lr_scale, trainable_only=True,
-                                    moe_groups=True)
-        scheduler = warmup_cosine_scheduler(optimizer, warmup=warmup, total=steps,
-                                            min_ratio=min_lr_ratio)
+        config = self._fill(grad_accum, clip, precision)
+        optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas,
+                                    eps=eps, expert_lr_scale=expert_lr_scale,
+                                    trainable_only=True, moe_groups=True)
+        scheduler = build_scheduler(optimizer, schedule=schedule, warmup=warmup, total=steps,
+                                    min_ratio=min_lr_ratio)
+        scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+        if scalars:
+            raise ValueError(f"DeepSpeed cannot train 0-d parameters ({', '.join(scalars)}): it "
+                             "broadcasts and partitions every parameter as a byte view, which "
+                             "fails for 0-d tensors. Give them shape (1,).")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.model = self.engine
@@ -119,9 +160,12 @@ class DeepSpeed(DistributedBase):
         """DeepSpeed zeroes the gradients in its own ``step``."""
 
     def forward(self, batch: dict, *, last: bool):
+        """The engine's forward (in the config's precision) on the collated ``batch``."""
         return self.engine(**batch)
 
     def backward(self, loss: torch.Tensor, *, grad_accum: int, last: bool) -> None:
+        """``engine.backward(loss)`` (0-d ``loss``); before the ``last`` micro-batch also
+        ``engine.step()``, which only counts the micro-batch."""
         self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
         if not last:
             self.engine.step()  # counts the micro-batch; no update before the boundary
@@ -130,12 +174,16 @@ class DeepSpeed(DistributedBase):
         return None  # DeepSpeed clips inside step() (gradient_clipping)
 
     def lr(self) -> float:
+        """The engine's learning rate of the first group for the coming step."""
         return float(self.engine.get_lr()[0])
 
     def step(self) -> None:
+        """The engine's optimiser + scheduler step (clipping and zeroing included)."""
         self.engine.step()
 
     def grad_norm(self) -> float:
+        """The global gradient norm DeepSpeed computed in the last :meth:`step` (NaN when it
+        did not)."""
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -155,6 +203,9 @@ class DeepSpeed(DistributedBase):
         set_rng_state(_load_state(self._state_file(path), "cpu", False)["rng"])
 
     def load(self, path: Path) -> dict:
+        """Restore the DeepSpeed state (module, optimiser, schedule) and the RNG of a
+        checkpoint written by the same number of processes; returns ``{"step", "data_state",
+        "extra", "path"}``."""
         from echomoe.train.checkpoint import read_meta
 
         meta = read_meta(path)

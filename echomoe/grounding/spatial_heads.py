@@ -53,7 +53,8 @@ class _QueryHeatmaps(nn.Module):
         self.hidden_size, self.in_channels, self.num_queries = hidden_size, in_channels, num_queries
         self.query = head_mlp(hidden_size, hidden_size, num_queries * in_channels, mlp_layers)
         # start near 1/sqrt(D) (dot-product attention's scale); learned so maps can sharpen.
-        self.log_scale = nn.Parameter(torch.tensor(-0.5 * math.log(in_channels)))
+        # Shape (1,), not 0-d: DeepSpeed ZeRO-3 cannot partition 0-d parameters.
+        self.log_scale = nn.Parameter(torch.tensor([-0.5 * math.log(in_channels)]))
 
     def check(self, name: str, hidden: Tensor, features: Tensor) -> None:
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:

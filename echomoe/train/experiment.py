@@ -19,9 +19,14 @@ Periodic evaluation (every ``train.eval_every``) is the teacher-forced loss on u
 ``eval.num_samples`` cases of ``data.eval_split`` (keys ``eval/loss``, ``eval/loss/<name>``);
 when ``train.best_metric`` is another key, the generation harness
 (:func:`~echomoe.metrics.harness.evaluate_model`) runs too (keys ``eval/<task>/<metric>``).
-The final evaluation runs the harness on ``data.test_split``.  Not wired here yet:
-``train.schedule`` other than cosine, ``train.betas`` / ``eps`` and ``train.precision``
-(fp32; bf16 through a DeepSpeed config).
+The final evaluation runs the harness on ``data.test_split``.
+
+**Optimisation.**  ``train.schedule`` (``cosine`` / ``linear`` decay to ``min_lr_ratio`` after
+``warmup_steps`` of linear warmup, or ``constant``), ``train.betas`` / ``train.eps`` (AdamW) and
+``train.precision`` go to :func:`~echomoe.train.loop.train`: ``bf16`` autocasts the training
+forward and loss (fp32 weights), ``auto`` is bf16 on CUDA and fp32 on CPU.  With a DeepSpeed
+config its ``bf16`` section decides (``"auto"`` there follows ``train.precision``), and an
+explicit ``train.precision`` that disagrees with it is an error.
 
 **Scaling out.**  ``deepspeed=<json>`` trains with DeepSpeed ZeRO; under
 ``torchrun --nproc_per_node N`` the same config trains data-parallel (DDP, expert parallelism
@@ -220,7 +225,8 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     try:
         history = train(
             model, batches, steps=t.steps, lr=t.lr, weight_decay=t.weight_decay,
-            warmup=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, grad_accum=t.grad_accum,
+            warmup=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, schedule=t.schedule,
+            betas=tuple(t.betas), eps=t.eps, precision=t.precision, grad_accum=t.grad_accum,
             clip=t.clip, eval_fn=eval_fn, eval_every=t.eval_every, metric=t.best_metric,
             mode=t.best_mode, checkpoint_dir=out / "checkpoints",
             checkpoint_every=t.checkpoint_every, keep_last=t.keep_checkpoints, resume=t.resume,

@@ -19,6 +19,12 @@ uninterrupted run would have seen.  A plain callable ``epoch -> iterable of batc
 ``out.loss`` (the quantity optimised); the loop records ``loss`` (that total) and ``losses`` (the
 raw dict, MoE aux losses included), each averaged over the micro-batches of a step.
 
+**Precision.**  ``precision="bf16"`` runs each training forward (and its loss) under
+``torch.autocast(device, dtype=torch.bfloat16)``: weights, gradients and optimiser state stay
+fp32, backward runs outside autocast, evaluation runs in fp32.  ``"auto"`` is bf16 on CUDA and
+fp32 on CPU (where bf16 autocast is slower); with ``deepspeed=`` the config's ``bf16`` section
+decides (see :class:`~echomoe.distributed.zero.DeepSpeed`).
+
 **Order within a step**: forward/backward x ``grad_accum`` -> clip -> optimiser and scheduler
 step -> record + ``log_fn`` -> evaluation (every ``eval_every``; RNG state restored afterwards,
 so evaluating never changes the training curve) -> checkpoint (every ``checkpoint_every``, at the
@@ -50,7 +56,7 @@ from echomoe.train.checkpoint import (
     set_rng_state,
     step_dirname,
 )
-from echomoe.train.optim import Stage, apply_stage, stage_at
+from echomoe.train.optim import SCHEDULES, Stage, apply_stage, check_betas, stage_at
 
 BEST_DIRNAME = "best"
 
@@ -177,6 +183,8 @@ class FactoryBatches:
         self.factory = factory
 
     def iterate(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """Batches ``start, start + 1, ...`` of ``factory(epoch)`` (the first ``start`` are
+        drawn and dropped)."""
         return itertools.islice(iter(self.factory(epoch)), start, None)
 
 
@@ -304,6 +312,10 @@ def train(
     weight_decay: float = 0.01,
     warmup: int = 0,
     min_lr_ratio: float = 0.0,
+    schedule: str = "cosine",
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    precision: str = "auto",
     grad_accum: int = 1,
     clip: float | None = 1.0,
     expert_lr_scale: float = 1.0,
@@ -335,7 +347,14 @@ def train(
         steps: total optimiser steps (the schedule's length).
         lr, weight_decay, expert_lr_scale: AdamW settings (see
             :func:`~echomoe.train.optim.build_optimizer`).
-        warmup, min_lr_ratio: linear warmup steps and final lr fraction of the cosine decay.
+        warmup, min_lr_ratio, schedule: ``warmup`` steps of linear warmup from 0, then
+            ``schedule`` (:data:`~echomoe.train.optim.SCHEDULES`): ``"cosine"`` or
+            ``"linear"`` decay to ``min_lr_ratio * lr`` at ``steps``, or ``"constant"`` (see
+            :func:`~echomoe.train.optim.lr_schedule`).
+        betas, eps: AdamW's moment decay rates (two numbers in ``[0, 1)``) and epsilon (> 0).
+        precision: ``"auto"`` (bf16 on CUDA, fp32 on CPU; with ``deepspeed`` the config's
+            ``bf16`` section), ``"fp32"`` or ``"bf16"`` (autocast around forward + loss); see
+            the module docstring.
         grad_accum: micro-batches per optimiser step.
         clip: gradient-norm clipping (``None`` / 0: off; the norm is logged either way).
         loss_weights: overrides of ``model.config.loss_weights`` (saved with the model config).
@@ -385,12 +404,19 @@ def train(
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    betas = check_betas(betas)
+    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if eval_every and eval_fn is None:
         raise ValueError("eval_every is set but no eval_fn was given")
+    from echomoe.distributed.runtime import barrier
+    from echomoe.distributed.strategy import check_precision, make_strategy
+
+    check_precision(precision)
     if loss_weights:
         set_loss_weights(model, loss_weights)
-    from echomoe.distributed.runtime import barrier
-    from echomoe.distributed.strategy import make_strategy
 
     source = as_batch_source(train_batches)
     device = next(model.parameters()).device
@@ -400,7 +426,8 @@ def train(
         strategy.on_stage_change()  # raises: DeepSpeed fixes the trainable parameters
     strategy.setup(model, lr=lr, weight_decay=weight_decay, expert_lr_scale=expert_lr_scale,
                    warmup=warmup, steps=steps, min_lr_ratio=min_lr_ratio,
-                   grad_accum=grad_accum, clip=clip)
+                   grad_accum=grad_accum, clip=clip, betas=betas, eps=eps, schedule=schedule,
+                   precision=precision)
     module = strategy.module
     main = strategy.world.is_main
     source = strategy.shard(source)

@@ -4,7 +4,7 @@
 
     groups = param_groups(model, weight_decay=0.01)          # named AdamW groups
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
-    scheduler = warmup_cosine_scheduler(optimizer, warmup=10, total=200)
+    scheduler = build_scheduler(optimizer, schedule="cosine", warmup=10, total=200)
     apply_stage(model, Stage(name="projector", steps=50, trainable=("projector.*",)))
     norm = clip_gradients(model, max_norm=1.0)
     apply_lora(model, target_modules=["q_proj", "v_proj"], r=8, alpha=16)   # needs ``peft``
@@ -143,6 +143,17 @@ def split_moe_groups(groups: list[dict]) -> list[dict]:
     return out
 
 
+def check_betas(betas) -> tuple[float, float]:
+    """``betas`` as a ``(beta1, beta2)`` tuple of floats in ``[0, 1)`` (AdamW's moment decay
+    rates); anything else is a ``ValueError`` naming ``betas``."""
+    ok = (isinstance(betas, Sequence) and not isinstance(betas, str) and len(betas) == 2
+          and all(isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0
+                  for b in betas))
+    if not ok:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    return float(betas[0]), float(betas[1])
+
+
 def build_optimizer(
     model: nn.Module,
     *,
@@ -156,9 +167,13 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` (group ``lr = lr * lr_scale``); ``moe_groups`` also
     splits DeepSpeed-MoE parameters into ``"moe": True`` groups (:func:`split_moe_groups`, as
-    DeepSpeed ZeRO requires)."""
+    DeepSpeed ZeRO requires).  ``betas`` (two numbers in ``[0, 1)``) and ``eps`` (> 0) are
+    AdamW's and reach every group."""
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    betas = check_betas(betas)
+    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     groups = param_groups(model, weight_decay=weight_decay, expert_lr_scale=expert_lr_scale,
                           trainable_only=trainable_only)
     if moe_groups:
@@ -169,15 +184,21 @@ def build_optimizer(
 
 
 # ----------------------------------------------------------------------------- schedule
-@dataclass(frozen=True)
-class WarmupCosine:
-    """Learning-rate multiplier: linear warmup ``0 -> 1`` over ``warmup`` steps, then a cosine
-    decay to ``min_ratio`` at ``total`` steps (constant ``min_ratio`` afterwards).
+SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
+"""Learning-rate schedules after the warmup (see :func:`lr_schedule`)."""
 
-    ``f(s) = s / warmup`` for ``s < warmup``; else with ``p = (s - warmup) / (total - warmup)``,
-    ``f(s) = min_ratio + (1 - min_ratio) * (1 + cos(pi * min(p, 1))) / 2``.  The step ``s`` is
-    the number of optimiser steps already taken (LambdaLR's convention), so the first step uses
-    ``f(0)`` (0 with warmup, the full rate without).
+
+@dataclass(frozen=True)
+class WarmupSchedule:
+    """Learning-rate multiplier: linear warmup ``0 -> 1`` over ``warmup`` steps, then
+    :meth:`decay` of the progress ``p = (s - warmup) / (total - warmup)`` (clamped to
+    ``[0, 1]``, so the value at ``total`` holds afterwards).
+
+    ``f(s) = s / warmup`` for ``s < warmup``, else ``decay(p)``.  The step ``s`` is the number
+    of optimiser steps already taken (LambdaLR's convention), so the first step uses ``f(0)``
+    (0 with warmup, the full rate without).  Subclasses define :meth:`decay`; the instance is a
+    plain callable whose fields are numbers, so a ``LambdaLR`` holding it saves and reloads
+    them with its ``state_dict``.
     """
 
     warmup: int
@@ -191,22 +212,77 @@ class WarmupCosine:
         if not 0.0 <= self.min_ratio <= 1.0:
             raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
 
+    def decay(self, progress: float) -> float:
+        """The multiplier after the warmup at ``progress`` in ``[0, 1]``."""
+        raise NotImplementedError
+
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return step / self.warmup
-        progress = min((step - self.warmup) / max(1, self.total - self.warmup), 1.0)
+        return self.decay(min((step - self.warmup) / max(1, self.total - self.warmup), 1.0))
+
+
+@dataclass(frozen=True)
+class WarmupCosine(WarmupSchedule):
+    """Warmup, then a cosine decay to ``min_ratio`` at ``total`` steps (constant ``min_ratio``
+    afterwards): ``f(s) = min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2`` (see
+    :class:`WarmupSchedule` for ``p`` and the warmup)."""
+
+    def decay(self, progress: float) -> float:
+        """``min_ratio + (1 - min_ratio) * (1 + cos(pi * progress)) / 2``."""
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int,
-                            min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """``LambdaLR`` with :class:`WarmupCosine` (same multiplier for every group).
+@dataclass(frozen=True)
+class WarmupLinear(WarmupSchedule):
+    """Warmup, then a linear decay to ``min_ratio`` at ``total`` steps (constant afterwards):
+    ``f(s) = min_ratio + (1 - min_ratio) * (1 - p)``."""
+
+    def decay(self, progress: float) -> float:
+        """``min_ratio + (1 - min_ratio) * (1 - progress)``."""
+        return self.min_ratio + (1.0 - self.min_ratio) * (1.0 - progress)
+
+
+@dataclass(frozen=True)
+class WarmupConstant(WarmupSchedule):
+    """Warmup, then the full rate until the end (``min_ratio`` is not used)."""
+
+    def decay(self, progress: float) -> float:
+        """``1.0`` at every progress."""
+        return 1.0
+
+
+_SCHEDULE_CLASSES: dict[str, type[WarmupSchedule]] = {
+    "cosine": WarmupCosine, "linear": WarmupLinear, "constant": WarmupConstant}
+
+
+def lr_schedule(schedule: str, *, warmup: int, total: int,
+                min_ratio: float = 0.0) -> WarmupSchedule:
+    """The multiplier of ``schedule`` (:data:`SCHEDULES`): :class:`WarmupCosine`,
+    :class:`WarmupLinear` or :class:`WarmupConstant`."""
+    if schedule not in _SCHEDULE_CLASSES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    return _SCHEDULE_CLASSES[schedule](warmup=warmup, total=total, min_ratio=min_ratio)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str = "cosine", warmup: int,
+                    total: int, min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with the :func:`lr_schedule` multiplier (same for every group; a group's
+    rate is its initial ``lr`` times the multiplier).
 
     Its ``state_dict`` holds only numbers (the dataclass fields), so it reloads with
     ``torch.load(weights_only=True)``.
     """
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda=WarmupCosine(warmup=warmup, total=total, min_ratio=min_ratio))
+        optimizer, lr_lambda=lr_schedule(schedule, warmup=warmup, total=total,
+                                         min_ratio=min_ratio))
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int,
+                            min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with :class:`WarmupCosine`: ``build_scheduler(..., schedule="cosine")``."""
+    return build_scheduler(optimizer, schedule="cosine", warmup=warmup, total=total,
+                           min_ratio=min_ratio)
 
 
 # ----------------------------------------------------------------------------- freezing
@@ -329,9 +405,16 @@ def apply_lora(
 
     The model keeps its class and ``forward`` (``peft.inject_adapter_in_model``, no
     ``PeftModel`` wrapper), so the loop and checkpoints treat it like any model.  Only the
-    adapters are trainable afterwards, plus parameters matching ``trainable`` (e.g. the
-    grounding heads).  ``target_modules`` are ``nn.Linear`` name suffixes such as ``"q_proj"``;
-    the grouped expert weights (3-d parameters, not ``nn.Linear``) cannot take LoRA adapters.
+    adapters are trainable afterwards, plus the modules named in ``trainable`` (trained fully,
+    like peft's ``modules_to_save``).  ``target_modules`` are ``nn.Linear`` name suffixes such
+    as ``"q_proj"``; the grouped expert weights (3-d parameters, not ``nn.Linear``) cannot take
+    LoRA adapters, so MoE layers are trained through ``trainable`` (e.g. ``"mlp"``).
+
+    An entry of ``trainable`` without wildcards is a module name suffix (peft's rule: the
+    module's qualified name equals it or ends with ``".<entry>"``, so ``"mlp"`` selects every
+    ``*.mlp`` module, ``"box_head"`` the box head); an entry with ``*`` / ``?`` / ``[`` is an
+    :mod:`fnmatch` pattern over parameter names (``"box_head.*"``).  An entry that selects
+    nothing is an error.
 
     Raises:
         ImportError: when ``peft`` is not installed (``pip install peft``).
@@ -348,6 +431,29 @@ def apply_lora(
     model = inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
-    if trainable:
-        unfreeze(model, trainable)
+    for entry in trainable:
+        unfreeze_modules(model, entry)
     return model
+
+
+def unfreeze_modules(model: nn.Module, names: str | Iterable[str]) -> list[str]:
+    """Set ``requires_grad=True`` on every parameter of the modules named by ``names`` (module
+    name suffixes, or :mod:`fnmatch` parameter-name patterns when they hold a wildcard; see
+    :func:`apply_lora`).  Returns the parameter names unfrozen."""
+    names = [names] if isinstance(names, str) else list(names)
+    found: set[str] = set()
+    for entry in names:
+        if any(c in entry for c in "*?["):
+            found.update(unfreeze(model, entry))
+            continue
+        hits = [(f"{m}.{n}" if m else n, p) for m, module in model.named_modules()
+                if m == entry or m.endswith(f".{entry}")
+                for n, p in module.named_parameters()]
+        if not hits:
+            raise ValueError(f"module name {entry!r} matches no module with parameters (use a "
+                             "name such as 'box_head' or 'mlp', or an fnmatch pattern over "
+                             "parameter names such as 'box_head.*')")
+        for name, param in hits:
+            param.requires_grad_(True)
+            found.add(name)
+    return sorted(found)

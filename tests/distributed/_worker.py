@@ -110,8 +110,6 @@ def _ds_moe_groups(result: dict) -> None:
 
 
 def deepspeed_runs(setup: Path, out: Path, batches: ListBatches, *, grad_accum: int) -> dict:
-    from echomoe.train import apply_lora
-
     result: dict = {}
     zero = REPO / "configs" / "deepspeed"
     t0 = time.perf_counter()
@@ -139,18 +137,43 @@ def deepspeed_runs(setup: Path, out: Path, batches: ListBatches, *, grad_accum: 
     result["z3_losses"] = losses(history)
     result["z3_partitioned"] = any(p.numel() == 0 for p in model.parameters())
     save_pretrained_consolidated(model, out / "z3_model")
-    # LoRA + MoE under ZeRO-2
-    model = load(setup / "init")
-    apply_lora(model, target_modules=["q_proj", "v_proj"], r=4, alpha=8)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    history = train(model, batches, grad_accum=grad_accum, deepspeed=zero / "zero2.json",
-                    **{**TRAIN_KW, "steps": 2})
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    result["lora_losses"] = losses(history)
-    result["lora_changed_only_adapters"] = bool(changed) and all("lora_" in k for k in changed)
+    lora_moe_zero2(setup, zero / "zero2.json", batches, result)
+    # an explicit precision that contradicts the DeepSpeed config fails before the engine
+    try:
+        train(load(setup / "init"), batches, deepspeed=zero / "zero2.json", precision="bf16",
+              **{**TRAIN_KW, "steps": 1})
+        result["precision_error"] = None
+    except ValueError as err:
+        result["precision_error"] = str(err)
+    # a 0-d parameter would break DeepSpeed's start-up broadcast: refused with its name
+    scalar = torch.nn.Module()
+    scalar.gain = torch.nn.Parameter(torch.tensor(1.0))
+    try:
+        train(scalar, batches, deepspeed=zero / "zero2.json", **{**TRAIN_KW, "steps": 1})
+        result["scalar_error"] = None
+    except ValueError as err:
+        result["scalar_error"] = str(err)
     _ds_moe_groups(result)
     return result
+
+
+def lora_moe_zero2(setup: Path, config: Path, batches: ListBatches, result: dict) -> None:
+    """LoRA on the attention of the moe_topk model, MoE layers and the box head trained fully
+    (``modules_to_save``, as in configs/experiments/lora.yaml), 4 ZeRO-2 steps on one batch."""
+    from echomoe.train import apply_lora
+
+    model = load(setup / "init")
+    apply_lora(model, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8,
+               trainable=["mlp", "box_head"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    same = ListBatches([batches.batches[0]] * (4 * world_info().world_size))
+    history = train(model, same, deepspeed=config, **{**TRAIN_KW, "steps": 4, "warmup": 0})
+    after = model.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    result["lora_losses"] = losses(history)
+    result["lora_trainable"] = sorted(trainable)
+    result["lora_changed"] = changed
 
 
 def main(argv: list[str]) -> None:

@@ -335,7 +335,7 @@ def test_staged_freezing_follows_the_echovlm_recipe(data):
         ["projector", "moe_heads", "moe_heads", "all", "all"]
     trainable = set(apply_stage(model, stages[1]))
     assert "language_model.model.layers.1.mlp.moe.router.weight" in trainable
-    assert "box_head.mlp.0.weight" in trainable
+    assert any(n.startswith("box_head.") for n in trainable)
     assert "language_model.model.layers.0.self_attn.q_proj.weight" not in trainable
     assert len(set(apply_stage(model, stages[2]))) == len(list(model.parameters()))
     assert freeze(model, "vision.*") and not model.vision.cls_token.requires_grad
@@ -372,3 +372,31 @@ def test_lora_trains_only_adapters_and_chosen_heads(data, tmp_path):
     load_checkpoint(latest_checkpoint(tmp_path), again, restore_rng=False)
     for (n, p), (_, q) in zip(model.named_parameters(), again.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_lora_modules_to_save_are_module_names_as_in_the_shipped_config():
+    pytest.importorskip("peft")
+    from echomoe.config import load_config
+    from echomoe.train import apply_lora
+
+    lora = load_config(REPO / "configs" / "experiments" / "lora.yaml").train.lora
+    model = apply_lora(fresh_model("moe_topk"), target_modules=lora.target_modules, r=lora.r,
+                       alpha=lora.alpha, trainable=lora.modules_to_save)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    saved = ("projector.", "mask_decoder.", "pixel_decoder.", "box_head.", "keypoint_head.",
+             "region_classifier.")
+    whole = {n for n in trainable | frozen if n.startswith(saved) or ".mlp." in n}
+    assert whole <= trainable, sorted(whole - trainable)
+    assert {p.split(".")[0] for p in whole} == {p.rstrip(".") for p in saved} | {
+        "language_model", "vision"}  # "mlp" also names the vision blocks' FFN (peft's rule)
+    for name in ("language_model.model.layers.1.mlp.moe.router.weight",
+                 "language_model.model.layers.0.mlp.moe.experts.gate_up_proj",
+                 "language_model.model.layers.0.self_attn.o_proj.lora_B.default.weight"):
+        assert name in trainable, name
+    assert trainable == whole | {n for n in trainable if "lora_" in n}
+    for name in ("language_model.model.layers.0.self_attn.q_proj.base_layer.weight",
+                 "language_model.model.embed_tokens.weight", "vision.patch_embed.weight"):
+        assert name in frozen, name
+    with pytest.raises(ValueError, match="module name 'box_haed' matches no module"):
+        apply_lora(fresh_model("dense"), target_modules=["q_proj"], trainable=["box_haed"])
