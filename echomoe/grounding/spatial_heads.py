@@ -4,7 +4,7 @@ soft-argmax over the map (integral regression).
 The MLP heads of :mod:`echomoe.grounding.heads` regress coordinates from one hidden vector, so
 the language model has to carry the location in that vector; they learn slowly.  These heads
 let the task token ask *where* instead: each query is a vector in the pixel decoder's feature
-space, its dot product with every feature cell gives a heatmap, and the softmax-weighted mean of
+space, its cosine similarity with every feature cell gives a heatmap, and the softmax-weighted mean of
 the cell centres is the predicted point.  The coordinate channels of the
 :class:`~echomoe.grounding.PixelDecoder` make every cell addressable, and the gradients reach
 the pixel decoder and the vision encoder, which the mask decoder trains too.
@@ -23,6 +23,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from echomoe.grounding.heads import head_mlp
 
@@ -46,15 +47,19 @@ def soft_argmax(scores: Tensor) -> tuple[Tensor, Tensor]:
 
 class _QueryHeatmaps(nn.Module):
     """``(B, H_lm)`` -> ``K`` queries ``(B, K, D)``; with ``(B, D, h, w)`` features -> scores
-    ``(B, K, h, w)`` = ``<query, feature> * exp(log_scale)``."""
+    ``(B, K, h, w)`` = ``cos(query, feature) * exp(log_scale)``.
+
+    Cosine similarity with a learned temperature (initially 10, so scores span [-10, 10]):
+    raw dot products start with tiny, flat maps whose soft-argmax sits near the image centre
+    and pulls every prediction towards it; on a dot-finding check (64 px, 200 steps) the cosine
+    maps reached half the localisation error of scaled dot products."""
 
     def __init__(self, hidden_size: int, in_channels: int, num_queries: int, mlp_layers: int):
         super().__init__()
         self.hidden_size, self.in_channels, self.num_queries = hidden_size, in_channels, num_queries
         self.query = head_mlp(hidden_size, hidden_size, num_queries * in_channels, mlp_layers)
-        # start near 1/sqrt(D) (dot-product attention's scale); learned so maps can sharpen.
         # Shape (1,), not 0-d: DeepSpeed ZeRO-3 cannot partition 0-d parameters.
-        self.log_scale = nn.Parameter(torch.tensor([-0.5 * math.log(in_channels)]))
+        self.log_scale = nn.Parameter(torch.tensor([math.log(10.0)]))
 
     def check(self, name: str, hidden: Tensor, features: Tensor) -> None:
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
@@ -67,7 +72,8 @@ class _QueryHeatmaps(nn.Module):
 
     def forward(self, hidden: Tensor, features: Tensor) -> Tensor:
         queries = self.query(hidden.to(features.dtype)).unflatten(-1, (self.num_queries, -1))
-        scores = torch.einsum("bkd,bdhw->bkhw", queries, features)
+        scores = torch.einsum("bkd,bdhw->bkhw", F.normalize(queries, dim=-1),
+                              F.normalize(features, dim=1))
         return scores * self.log_scale.exp()
 
 

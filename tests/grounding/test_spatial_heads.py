@@ -59,7 +59,7 @@ def test_heads_reject_mismatched_inputs():
 
 
 def test_keypoint_head_learns_to_find_a_bright_dot():
-    """A pixel decoder with an image stem + heatmap head locate a random dot in 150 steps."""
+    """A pixel decoder with an image stem + heatmap head locate a noisy dot in 200 steps."""
     torch.manual_seed(0)
     size, patch = 32, 8
     decoder = PixelDecoder(in_channels=[16], dim=16, input_stride=patch, output_stride=4,
@@ -67,16 +67,16 @@ def test_keypoint_head_learns_to_find_a_bright_dot():
     head = HeatmapKeypointHead(hidden_size=8, in_channels=decoder.out_channels, num_keypoints=1)
     embed = torch.nn.Conv2d(1, 16, patch, stride=patch)
     params = [*decoder.parameters(), *head.parameters(), *embed.parameters()]
-    opt = torch.optim.Adam(params, lr=1e-2)
+    opt = torch.optim.Adam(params, lr=3e-3)
 
     def sample(b):
         xy = torch.randint(2, size - 2, (b, 2))
-        images = torch.zeros(b, 1, size, size)
+        images = 0.3 * torch.randn(b, 1, size, size)
         for i, (x, y) in enumerate(xy.tolist()):
-            images[i, 0, y - 1:y + 2, x - 1:x + 2] = 1.0
+            images[i, 0, y - 1:y + 2, x - 1:x + 2] += 1.0
         return images, (xy.float() + 0.5) / size
 
-    for _ in range(150):
+    for _ in range(200):
         images, target = sample(16)
         pred = head(torch.ones(16, 8), decoder([embed(images)], images))[:, 0]
         loss = (pred - target).abs().mean()
@@ -87,7 +87,7 @@ def test_keypoint_head_learns_to_find_a_bright_dot():
     with torch.no_grad():
         pred = head(torch.ones(64, 8), decoder([embed(images)], images))[:, 0]
     error_px = ((pred - target) * size).norm(dim=-1).mean()
-    assert error_px < 2.5, f"mean localisation error {error_px:.2f} px"
+    assert error_px < 1.0, f"mean localisation error {error_px:.2f} px"
 
 
 def test_pixel_decoder_image_stem_shapes_and_errors():
