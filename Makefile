@@ -31,14 +31,19 @@ $(STAMP): setup.py pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) experiments/sweep.py configs/sweeps/demo.yaml --out results/demo
+	$(PY) experiments/sweep.py configs/sweeps/demo.yaml --out results/demo --jobs 3
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+BENCH_JSON := results/moe_layer.json results/train_step.json results/decode.json results/data.json
+
 bench: install
 	$(PY) experiments/benchmarks/moe_layer.py --out results/moe_layer.json
+	$(PY) experiments/benchmarks/train_step.py --out results/train_step.json
+	$(PY) experiments/benchmarks/decode.py --out results/decode.json
 	$(PY) experiments/benchmarks/data.py --out results/data.json
+	$(PY) experiments/benchmarks/update_readme.py $(BENCH_JSON)
 
 lint: install
 	$(PY) -m ruff check echomoe experiments tests

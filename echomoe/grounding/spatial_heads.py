@@ -4,8 +4,8 @@ soft-argmax over the map (integral regression).
 The MLP heads of :mod:`echomoe.grounding.heads` regress coordinates from one hidden vector, so
 the language model has to carry the location in that vector; they learn slowly.  These heads
 let the task token ask *where* instead: each query is a vector in the pixel decoder's feature
-space, its cosine similarity with every feature cell gives a heatmap, and the softmax-weighted mean of
-the cell centres is the predicted point.  The coordinate channels of the
+space, its cosine similarity with every feature cell gives a heatmap, and the softmax-weighted
+mean of the cell centres is the predicted point.  The coordinate channels of the
 :class:`~echomoe.grounding.PixelDecoder` make every cell addressable, and the gradients reach
 the pixel decoder and the vision encoder, which the mask decoder trains too.
 

@@ -12,6 +12,11 @@ copy; the backward of each is the other).  Two small autograd functions keep it 
 * :class:`_SwiGLU` computes ``silu(gate) * up`` from the fused ``[gate | up]`` projection and
   writes both halves of its gradient into one buffer.
 
+A handful of tokens (a decoding step: one token per sequence) takes a lean path on the CPU
+(:func:`few_tokens_forward`): the same sort and grouped GEMMs without the chunking and padding
+bookkeeping, or, when practically every expert is hit anyway, every expert on every token with
+zero combine weight where a token did not pick it (no sort, no scatter, no host sync).
+
 Axis legend: ``N`` tokens, ``k`` experts per token, ``S = N * k`` assignments, ``D`` hidden size,
 ``F`` expert width, ``E`` experts.
 """
@@ -162,6 +167,8 @@ def grouped_experts_forward(
 
     Returns ``(N, D)``: ``sum_j weights[n, j] * expert_{ids[n, j]}(x[n])``.
     """
+    if linear is grouped_linear and use_few_tokens_path(x, expert_ids, w_in, w_out, b_in, b_out):
+        return few_tokens_forward(x, expert_ids, weights, w_in, w_out, activation)
     num_tokens, top_k = expert_ids.shape
     num_experts, hidden = w_out.shape[0], w_out.shape[1]
     order, offsets = sort_assignments(expert_ids, num_experts)
@@ -237,3 +244,88 @@ def _expert_rows(xs, w_in, w_out, offsets, b_in, b_out, row_weight, activation, 
     if b_out is not None:
         y = y + b_out
     return y if fold else y * row_weight
+
+
+# At most this many (token, expert) assignments take the few-token path on the CPU: a decoding
+# step of a batch of up to 64 sequences with top-2 routing, or 16 with top-8.
+FEW_TOKENS_MAX_ASSIGNMENTS = 128
+
+
+def use_few_tokens_path(
+    x: Tensor, expert_ids: Tensor, w_in: Tensor, w_out: Tensor, b_in: Tensor | None,
+    b_out: Tensor | None,
+) -> bool:
+    """Whether :func:`grouped_experts_forward` hands this call to :func:`few_tokens_forward`.
+
+    CPU tensors, at most :data:`FEW_TOKENS_MAX_ASSIGNMENTS` assignments, no biases, and sizes
+    grouped GEMM takes without padding (hidden and expert widths multiples of 16 bytes).
+    """
+    if x.device.type != "cpu" or not 0 < expert_ids.numel() <= FEW_TOKENS_MAX_ASSIGNMENTS:
+        return False
+    if b_in is not None or b_out is not None:
+        return False
+    multiple = max(1, _ALIGN_BYTES // x.element_size())
+    return w_out.shape[1] % multiple == 0 and w_out.shape[2] % multiple == 0
+
+
+def _aligned_linear(x: Tensor, weight: Tensor, offsets: Tensor, out_groups: int = 1) -> Tensor:
+    return _GroupedLinear.apply(x.contiguous(), weight, offsets)
+
+
+def few_tokens_forward(
+    x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, activation: str
+) -> Tensor:
+    """:func:`grouped_experts_forward` for a handful of tokens: same result, less overhead.
+
+    One sort of the ``S = N * k`` assignments, one grouped GEMM per projection over the experts
+    that received tokens (each weight read once), the combine weight folded in on the narrower
+    side of the down projection, and one ``index_add``; differentiable.  Sizes must be aligned
+    (see :func:`use_few_tokens_path`); biases are not supported.
+
+    With SwiGLU experts and at least two assignments per expert on average (``S >= 2 E``, so
+    that practically every expert is hit and every expert's weights are read anyway), it runs
+    every expert on every token instead (one GEMM over the fused ``gate_up_proj``, one batched
+    GEMM over ``down_proj``) and combines with zero weight where a token did not pick an
+    expert: no sort, no gather, no scatter, no host sync.  A decoding step is bound by reading
+    the weights, so the extra ``E / k`` arithmetic costs less than the dispatch it saves.
+
+    Args:
+        x: ``(N, D)``; expert_ids: ``(N, k)`` int64 (``-1`` = dropped); weights: ``(N, k)``;
+        w_in: ``(E, 2F | F, D)``; w_out: ``(E, D, F)``.
+
+    Returns ``(N, D)``.
+    """
+    num_tokens, top_k = expert_ids.shape
+    num_experts, hidden = w_out.shape[0], w_out.shape[1]
+    if activation == "swiglu" and num_tokens * top_k >= 2 * num_experts:
+        return _every_expert_forward(x, expert_ids, weights, w_in, w_out)
+    flat = expert_ids.reshape(-1)
+    order = flat.argsort(stable=True)  # dropped (-1) first, then by expert, token order kept
+    counts = torch.bincount(flat + 1, minlength=num_experts + 1)  # (E + 1,), [0] = dropped
+    dropped = int(counts[0])
+    if dropped:
+        order = order[dropped:]
+    offsets = counts[1:].cumsum(0).to(torch.int32)
+    token = order // top_k
+    row_weight = weights.reshape(-1, 1).index_select(0, order)
+    linear = _aligned_linear if order.numel() else grouped_linear  # all dropped: empty groups
+    y = _expert_rows(x.index_select(0, token), w_in, w_out, offsets, None, None, row_weight,
+                     activation, linear)
+    return x.new_zeros(num_tokens, hidden).index_add(0, token, y.to(x.dtype))
+
+
+def _every_expert_forward(
+    x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor
+) -> Tensor:
+    """Every expert on every token, combined with zero weight where a token did not pick it.
+
+    ``(N, D) -> (N, D)``; SwiGLU experts; dropped slots (``-1``) and unpicked experts weigh 0.
+    """
+    num_tokens = x.shape[0]
+    num_experts, hidden, width = w_out.shape
+    combine = x.new_zeros(num_tokens, num_experts + 1)  # column E collects dropped (-1) slots
+    combine = combine.scatter_add(1, expert_ids % (num_experts + 1), weights)[:, :num_experts]
+    h = F.linear(x, w_in.reshape(num_experts * 2 * width, hidden))  # (N, E * 2F)
+    a = swiglu(h.view(num_tokens, num_experts, 2 * width)) * combine.unsqueeze(-1)  # (N, E, F)
+    y = torch.bmm(a.transpose(0, 1), w_out.transpose(1, 2))  # (E, N, D)
+    return y.sum(0)

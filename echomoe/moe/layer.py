@@ -98,7 +98,7 @@ def token_regions(
         return None
     b, t = hidden_states.shape[:2]
     region_ids = validate_region_ids(region_ids.to(hidden_states.device), b, num_regions)
-    return region_ids.repeat_interleave(t)
+    return region_ids[:, None].expand(b, t).reshape(b * t)  # a view for one token per sample
 
 
 class DenseFFN(nn.Module):

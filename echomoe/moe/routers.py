@@ -199,6 +199,8 @@ class TopKRouter(nn.Module):
         """
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        if token_mask is not None and x.device.type == "cpu" and bool(token_mask.all()):
+            token_mask = None  # no padding: skip four boolean gathers (cheap check on the CPU)
         logits = self.compute_logits(x, region_ids)  # (N, E)
         probs = logits.softmax(dim=-1)
         # Select on logits, not probs: a masked (-inf) expert must never tie with an allowed
@@ -287,8 +289,9 @@ class RegionHardRouter(_RegionRouter):
         logits = super().compute_logits(x, region_ids)
         if region_ids is None:
             return logits
-        allowed = self.region_mask[region_ids.clamp_min(0)]  # (N, E)
-        allowed = allowed | (region_ids < 0).unsqueeze(-1)
+        # Row R of the extended mask (all True) serves unknown regions: index -1 picks it.
+        everything = self.region_mask.new_ones(1, self.num_experts)
+        allowed = torch.cat([self.region_mask, everything])[region_ids]  # (N, E)
         return logits.masked_fill(~allowed, float("-inf"))
 
 
@@ -307,9 +310,8 @@ class RegionSoftRouter(_RegionRouter):
         logits = super().compute_logits(x, region_ids)
         if region_ids is None:
             return logits
-        bias = self.region_bias[region_ids.clamp_min(0)].float()
-        known = (region_ids >= 0).unsqueeze(-1)
-        return logits + torch.where(known, bias, torch.zeros_like(bias))
+        # A zero row R serves unknown regions (index -1 picks it) and gets no gradient.
+        return logits + F.pad(self.region_bias, (0, 0, 0, 1))[region_ids].float()
 
     def region_losses(self, probs: Tensor, region_ids: Tensor | None) -> dict[str, Tensor]:
         return {"region": region_alignment_loss(probs, region_ids, self.region_mask)}

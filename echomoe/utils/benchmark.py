@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 
 def time_interleaved(
@@ -125,3 +126,91 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def ratio_of_medians(times: dict[str, dict[str, float]], name: str, reference: str) -> float:
+    """``median(name) / median(reference)`` from a :func:`time_interleaved` result."""
+    return times[name]["median_ms"] / times[reference]["median_ms"]
+
+
+def synthetic_token_ids(
+    batch_size: int, seq_len: int, vocab_size: int, avoid: tuple[int, ...] = (), seed: int = 0
+) -> Tensor:
+    """``(batch_size, seq_len)`` random token ids in ``[0, vocab_size)``, none of them in ``avoid``
+    (special tokens such as ``<image>`` or ``[SEG]``)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen)
+    if avoid:
+        special = torch.isin(ids, torch.tensor(avoid))
+        safe = next(i for i in range(vocab_size) if i not in avoid)
+        ids = ids.masked_fill(special, safe)
+    return ids
+
+
+def vlm_training_batch(config, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, Tensor]:
+    """A synthetic training batch for an :class:`~echomoe.models.EchoMoEConfig` model.
+
+    Each of the ``batch_size`` rows is one image's ``<image>`` tokens followed by random text up
+    to ``seq_len`` tokens; labels are the text (image positions ``-100``); one region per row.
+    Returns ``input_ids``, ``attention_mask``, ``labels`` ``(B, L)``, ``pixel_values
+    (B, 1, C, S, S)`` and ``region_ids (B,)``.
+    """
+    from echomoe.models.processor import image_tokens_per_image
+
+    n_image = image_tokens_per_image(config)
+    if seq_len <= n_image:
+        raise ValueError(f"seq_len={seq_len} leaves no text after {n_image} image tokens")
+    special = (config.image_token_id, config.seg_token_id, config.det_token_id,
+               config.kpt_token_id)
+    ids = synthetic_token_ids(batch_size, seq_len, config.text_config.vocab_size, special, seed)
+    ids[:, :n_image] = config.image_token_id
+    labels = ids.masked_fill(ids == config.image_token_id, -100)
+    gen = torch.Generator().manual_seed(seed + 1)
+    size = config.image_size
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "pixel_values": torch.rand(batch_size, 1, config.in_channels, size, size, generator=gen),
+        "region_ids": torch.arange(batch_size) % config.num_regions,
+    }
+
+
+def qwen2_reference_pair(
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    intermediate_size: int = 512,
+    num_experts: int = 8,
+    top_k: int = 2,
+    vocab_size: int = 4096,
+    seed: int = 0,
+) -> tuple[nn.Module, nn.Module]:
+    """``transformers``' own dense / MoE pair at equal active FFN width, random weights.
+
+    ``Qwen2ForCausalLM`` with MLP width ``intermediate_size`` and ``Qwen2MoeForCausalLM`` with
+    ``num_experts`` experts of width ``intermediate_size / top_k``, ``top_k`` per token
+    (renormalised), and no shared expert; same attention, vocabulary and depth.
+    """
+    import warnings
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    if intermediate_size % top_k:
+        raise ValueError(f"intermediate_size={intermediate_size} is not a multiple of "
+                         f"top_k={top_k}")
+    common = {"vocab_size": vocab_size, "hidden_size": hidden_size,
+              "num_hidden_layers": num_layers, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 2048,
+              "tie_word_embeddings": False}
+    torch.manual_seed(seed)
+    dense = Qwen2ForCausalLM(Qwen2Config(intermediate_size=intermediate_size, **common))
+    moe_config = Qwen2MoeConfig(
+        intermediate_size=intermediate_size, moe_intermediate_size=intermediate_size // top_k,
+        shared_expert_intermediate_size=0, num_experts=num_experts, num_experts_per_tok=top_k,
+        norm_topk_prob=True, **common,
+    )
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # the empty shared expert: "zero-element tensor" init
+        warnings.simplefilter("ignore", UserWarning)
+        moe = Qwen2MoeForCausalLM(moe_config)
+    return dense, moe

@@ -96,7 +96,8 @@ def memory_probe(impl: str, cfg: tuple[int, ...]) -> dict:
     return {"peak_mb": max(0.0, peak_rss_mb() - base)}
 
 
-def run(configs, repeats: int, skip_loop_above: int, with_memory: bool) -> dict:
+def run(configs, repeats: int, skip_loop_above: int, with_memory: bool,
+        min_seconds: float = 20.0) -> dict:
     rows = []
     for cfg in configs:
         T, D, F, E, k = cfg
@@ -106,7 +107,7 @@ def run(configs, repeats: int, skip_loop_above: int, with_memory: bool) -> dict:
         for impl in impls:
             module, call = build(impl, *cfg)
             steps[impl] = step_fn(call, module, x, grad)
-        times = time_interleaved(steps, repeats=repeats, min_seconds=20.0)
+        times = time_interleaved(steps, repeats=repeats, min_seconds=min_seconds)
         dense = times["dense"]["median_ms"]
         results = {}
         for impl in impls:
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-loop-above", type=int, default=16,
                         help="skip the loop backend for more experts than this (it is slow)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory probes")
+    parser.add_argument("--min-seconds", type=float, default=20.0,
+                        help="extend the rounds of fast configs to at least this long")
     parser.add_argument("--memory-probe", nargs=2, metavar=("IMPL", "CONFIG"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(memory_probe(impl, tuple(json.loads(cfg)))))
         return {}
     configs = [tuple(c) for c in json.loads(args.configs)] if args.configs else CONFIGS
-    payload = run(configs, args.repeats, args.skip_loop_above, not args.no_memory)
+    payload = run(configs, args.repeats, args.skip_loop_above, not args.no_memory,
+                  args.min_seconds)
     print(table(payload))
     write_json(args.out, payload)
     print(f"\nwrote {args.out}")

@@ -1,9 +1,9 @@
 """Regenerate the README's benchmark tables from the benchmarks' JSON output.
 
-    python experiments/benchmarks/update_readme.py results/moe_layer.json
+    python experiments/benchmarks/update_readme.py results/moe_layer.json results/train_step.json
 
 Replaces the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` where ``NAME`` is
-the JSON's ``benchmark`` field (``moe_layer``, ``synthetic_data``).
+the JSON's ``benchmark`` field (``moe_layer``, ``train_step``, ``decode``, ``synthetic_data``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import data  # noqa: E402
+import decode  # noqa: E402
 import moe_layer  # noqa: E402
+import train_step  # noqa: E402
 
-RENDERERS = {"moe_layer": moe_layer.table, "synthetic_data": data.table}
+RENDERERS = {"moe_layer": moe_layer.table, "train_step": train_step.table,
+             "decode": decode.table, "synthetic_data": data.table}
 
 
 def render(payload: dict) -> str:

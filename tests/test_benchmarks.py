@@ -1,0 +1,153 @@
+"""Every benchmark script runs end to end at a tiny size and writes the JSON its README table is
+generated from.  Timings are not checked (they depend on the machine); schema and arithmetic are.
+"""
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).parents[1] / "experiments" / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+TIMING_KEYS = {"median_ms", "min_ms", "max_ms", "rounds"}
+
+
+def _check_timing(result: dict) -> None:
+    assert TIMING_KEYS <= set(result)
+    assert 0 < result["min_ms"] <= result["median_ms"] <= result["max_ms"]
+    assert result["rounds"] >= 1
+
+
+def _check_common(payload: dict, name: str, path: Path) -> None:
+    assert payload["benchmark"] == name
+    assert json.loads(path.read_text()) == json.loads(json.dumps(payload))
+    env = payload["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] >= 1
+
+
+def _check_readme_update(bench, payload: dict, tmp_path: Path) -> str:
+    name = payload["benchmark"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n<!-- {name}:start -->\nold\n<!-- {name}:end -->\noutro\n")
+    json_path = tmp_path / f"{name}.json"
+    json_path.write_text(json.dumps(payload))
+    bench("update_readme").main([str(json_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| model |" in text or "| T |" in text or "| part |" in text
+    return text
+
+
+def test_moe_layer_benchmark(bench, tmp_path):
+    out = tmp_path / "moe_layer.json"
+    payload = bench("moe_layer").main([
+        "--out", str(out), "--configs", "[[24, 16, 8, 4, 2]]", "--repeats", "1",
+        "--min-seconds", "0", "--no-memory"])
+    _check_common(payload, "moe_layer", out)
+    (row,) = payload["configs"]
+    assert (row["T"], row["D"], row["F"], row["E"], row["k"]) == (24, 16, 8, 4, 2)
+    results = row["results"]
+    assert set(results) == {"dense", "echomoe_grouped_mm", "echomoe_loop", "hf_eager",
+                            "hf_grouped_mm"}
+    dense = results["dense"]["median_ms"]
+    for r in results.values():
+        _check_timing(r)
+        assert math.isclose(r["R"], r["median_ms"] / dense)
+    best_hf = min(results["hf_eager"]["median_ms"], results["hf_grouped_mm"]["median_ms"])
+    assert math.isclose(row["speedup_vs_best_hf"],
+                        best_hf / results["echomoe_grouped_mm"]["median_ms"])
+    _check_readme_update(bench, payload, tmp_path)
+
+
+def test_train_step_benchmark(bench, tmp_path):
+    out = tmp_path / "train_step.json"
+    payload = bench("train_step").main([
+        "--out", str(out), "--presets", "tiny", "--variants", "moe_topk", "moe_region_soft",
+        "--batch-size", "2", "--seq-len", "20", "--repeats", "1", "--min-seconds", "0",
+        "--hf-hidden", "32", "--hf-layers", "1"])
+    _check_common(payload, "train_step", out)
+    assert (payload["batch_size"], payload["seq_len"]) == (2, 20)
+    assert payload["environment"]["threads"] == 1
+    echomoe, hf = payload["groups"]
+    assert echomoe["model"] == "echomoe tiny" and echomoe["dense"] == "dense"
+    assert list(echomoe["results"]) == ["dense", "moe_topk", "moe_region_soft"]
+    assert list(hf["results"]) == ["qwen2", "qwen2_moe"] and hf["target"] is None
+    for group in payload["groups"]:
+        dense = group["results"][group["dense"]]["median_ms"]
+        for variant, r in group["results"].items():
+            _check_timing(r)
+            assert math.isclose(r["ratio_vs_dense"], r["median_ms"] / dense)
+            if group["target"] is None or variant == group["dense"]:
+                assert r["meets_target"] is None
+            else:
+                assert r["meets_target"] == (r["ratio_vs_dense"] <= payload["target"])
+    text = _check_readme_update(bench, payload, tmp_path)
+    assert "echomoe tiny | moe_region_soft" in text
+
+
+def test_decode_benchmark(bench, tmp_path):
+    out = tmp_path / "decode.json"
+    payload = bench("decode").main([
+        "--out", str(out), "--preset", "tiny", "--variants", "moe_region_hard",
+        "--batch-size", "2", "--prompt-len", "6", "--new-tokens", "3", "--kv-new-tokens", "2",
+        "--repeats", "1", "--kv-repeats", "1", "--min-seconds", "0", "--hf-hidden", "32",
+        "--hf-layers", "1"])
+    _check_common(payload, "decode", out)
+    assert (payload["batch_size"], payload["prompt_len"], payload["new_tokens"]) == (2, 6, 3)
+    echomoe, hf = payload["groups"]
+    assert list(echomoe["results"]) == ["dense", "moe_region_hard"]
+    assert list(hf["results"]) == ["qwen2", "qwen2_moe"]
+    for group in payload["groups"]:
+        dense = group["results"][group["dense"]]
+        for r in group["results"].values():
+            _check_timing(r)
+            assert math.isclose(r["tokens_per_s"], 2 * 3 / (r["median_ms"] / 1e3))
+            assert math.isclose(r["ratio_vs_dense"], r["tokens_per_s"] / dense["tokens_per_s"])
+            assert math.isclose(r["kv_cache_speedup"],
+                                r["kv_median_ms_no_cache"] / r["kv_median_ms"])
+    assert all(r["meets_target"] is None for r in hf["results"].values())
+    assert all(isinstance(r["meets_target"], bool) for r in echomoe["results"].values())
+    _check_readme_update(bench, payload, tmp_path)
+
+
+def test_data_benchmark(bench, tmp_path):
+    out = tmp_path / "data.json"
+    payload = bench("data").main(["--out", str(out), "--n", "4", "--repeats", "1",
+                                  "--image-size", "64"])
+    _check_common(payload, "synthetic_data", out)
+    generate = payload["parts"]["generate (all labels)"]
+    _check_timing(generate)
+    assert math.isclose(payload["samples_per_s_per_core"], 4 / (generate["median_ms"] / 1e3))
+    assert payload["meets_target"] == (payload["samples_per_s_per_core"] >= payload["target"])
+    assert len(payload["per_region_samples_per_s"]) == 7
+    _check_readme_update(bench, payload, tmp_path)
+
+
+def test_update_readme_rejects_unknown_benchmarks_and_missing_markers(bench, tmp_path):
+    update_readme = bench("update_readme")
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        update_readme.render({"benchmark": "nope", "environment": {}})
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="decode:start"):
+        update_readme.update(readme, {"benchmark": "decode"})
+
+
+def test_readme_has_a_block_for_every_benchmark(bench):
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in bench("update_readme").RENDERERS:
+        assert f"<!-- {name}:start -->" in text and f"<!-- {name}:end -->" in text, name
