@@ -33,6 +33,8 @@ PACKAGES = (
     "echomoe.distributed",
     "echomoe.grounding",
     "echomoe.metrics",
+    "echomoe.models",
+    "echomoe.moe",
     "echomoe.train",
     "echomoe.utils",
     "echomoe.vision",

@@ -161,6 +161,7 @@ class EchoMoEConfig(PretrainedConfig):
 
     @property
     def num_regions(self) -> int:
+        """Number of anatomical regions (routing ids ``0 .. num_regions - 1``)."""
         return len(self.regions)
 
     @property

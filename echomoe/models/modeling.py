@@ -100,6 +100,8 @@ def build_vision_encoder(config: EchoMoEConfig) -> nn.Module:
 
 
 class EchoMoEPreTrainedModel(PreTrainedModel):
+    """``PreTrainedModel`` base of the echomoe VLM: config class and HF plumbing."""
+
     config_class = EchoMoEConfig
     base_model_prefix = "echomoe"
     main_input_name = "input_ids"
@@ -181,6 +183,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         self.language_model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
+        """The language model's LM head."""
         return self.language_model.get_output_embeddings()
 
     def get_decoder(self):
@@ -188,6 +191,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
 
     @property
     def tokens_per_image(self) -> int:
+        """``<image>`` placeholder tokens each image expands to in ``input_ids``."""
         n = self.vision.num_patches(self.config.image_size)
         return n // 4 if self.config.projector_pool else n
 

@@ -88,6 +88,7 @@ class RoutingContext:
         return mask[:, mask.shape[1] - num_tokens:]
 
     def record(self, name: str, output: MoEOutput) -> None:
+        """Keep the :class:`MoEOutput` of the MoE layer ``name`` from the current forward."""
         self.records[name] = output
 
     def aux_losses(self, reduce: str = "mean") -> dict[str, Tensor]:
@@ -117,6 +118,8 @@ class MoEAdapter(nn.Module):
         object.__setattr__(self, "context", context)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        """``(B, T, D) -> (B, T, D)``: the MoE layer's hidden states; its aux losses and
+        routing go to the context (region ids and padding mask read from it)."""
         b, t = hidden_states.shape[:2]
         region_ids = self.context.region_ids_for(b)
         out = self.moe(hidden_states, region_ids, self.context.token_mask_for(b, t))

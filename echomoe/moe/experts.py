@@ -111,6 +111,7 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, ``std``) expert weights, zero biases."""
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.down_proj, std=std)
 

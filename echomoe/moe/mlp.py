@@ -25,6 +25,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(..., D) -> (..., D)``."""
         if self.activation == "swiglu":
             return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(nn.functional.gelu(self.gate_proj(x)) * self.up_proj(x))
@@ -41,6 +42,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(..., D) -> (..., D)``."""
         return self.fc2(gated_activation(self.fc1(x), self.activation))
 
 

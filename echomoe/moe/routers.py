@@ -180,6 +180,7 @@ class TopKRouter(nn.Module):
 
     @property
     def active_experts_per_token(self) -> float:
+        """Experts each token is sent to (``k``)."""
         return float(self.top_k)
 
     def compute_logits(self, x: Tensor, region_ids: Tensor | None) -> Tensor:
@@ -187,6 +188,8 @@ class TopKRouter(nn.Module):
         return F.linear(x, self.weight).float()
 
     def region_losses(self, probs: Tensor, region_ids: Tensor | None) -> dict[str, Tensor]:
+        """Region-dependent aux losses from ``(N, E)`` router probabilities and ``(N,)``
+        region ids; none for the plain top-k router."""
         return {}
 
     def forward(
@@ -314,6 +317,8 @@ class RegionSoftRouter(_RegionRouter):
         return logits + F.pad(self.region_bias, (0, 0, 0, 1))[region_ids].float()
 
     def region_losses(self, probs: Tensor, region_ids: Tensor | None) -> dict[str, Tensor]:
+        """``{"region": alignment loss}``: probability mass outside each token's region
+        experts (:func:`~echomoe.moe.losses.region_alignment_loss`)."""
         return {"region": region_alignment_loss(probs, region_ids, self.region_mask)}
 
 
@@ -353,9 +358,11 @@ class ExpertChoiceRouter(nn.Module):
 
     @property
     def active_experts_per_token(self) -> float:
+        """Expert slots per token on average (the capacity factor)."""
         return float(self.capacity_factor)
 
     def capacity(self, num_tokens: int) -> int:
+        """Tokens each expert picks: ``min(N, ceil(capacity_factor * N / E))``."""
         return min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
 
     def forward(
