@@ -151,3 +151,24 @@ def test_readme_has_a_block_for_every_benchmark(bench):
     text = (Path(__file__).parents[1] / "README.md").read_text()
     for name in bench("update_readme").RENDERERS:
         assert f"<!-- {name}:start -->" in text and f"<!-- {name}:end -->" in text, name
+
+
+def test_update_readme_demo_table_from_run_summaries(bench, tmp_path):
+    update_readme = bench("update_readme")
+    for run, dice, status in (("dense-seed0", 0.5, "finished"), ("moe_topk-seed0", 0.25,
+                                                                   "finished"),
+                              ("broken-seed0", 0.9, "failed")):
+        (tmp_path / run).mkdir()
+        summary = {"status": status, "wall_time_s": 123.4,
+                   "metrics": {"segment/dice": dice, "report/bleu1": 0.4}}
+        (tmp_path / run / "summary.json").write_text(json.dumps(summary))
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- demo:start -->\nold\n<!-- demo:end -->\ny\n")
+    update_readme.main(["--demo", str(tmp_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and "broken" not in text
+    assert "| dense-seed0 | 0.50 | n/a | n/a | 0.40 |" in text
+    assert "| moe_topk-seed0 | 0.25 |" in text and "| 123 |" in text
+    assert "| *goal* | ≥ 0.85 |" in text
+    with pytest.raises(ValueError, match="no finished runs"):
+        update_readme.render_demo(tmp_path / "dense-seed0" / "missing")
