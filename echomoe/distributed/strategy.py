@@ -35,7 +35,6 @@ import contextlib
 import inspect
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -273,7 +272,7 @@ class DistributedBase(Local):
         """Collective checkpoint at ``path``: rank 0 writes the consolidated
         ``model.safetensors`` and ``meta.json``, each rank its training state (unless
         ``weights_only``); every rank must call it.  Returns ``path``."""
-        from echomoe.train.checkpoint import CHECKPOINT_FORMAT, META_FILE, MODEL_FILE, _fsync_dir
+        from echomoe.train.checkpoint import CHECKPOINT_FORMAT, META_FILE, MODEL_FILE, swap_in_dir
 
         path = Path(path)
         token = broadcast_object(f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -292,14 +291,7 @@ class DistributedBase(Local):
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
         barrier()
         if self.world.is_main:
-            old = None
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{token}"
-                os.replace(path, old)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            swap_in_dir(tmp, path, token)
         barrier()
         return path
 

@@ -104,6 +104,20 @@ def seed_everything(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- save
+def swap_in_dir(tmp: Path, path: Path, token: str) -> None:
+    """Atomically put the finished directory ``tmp`` at ``path``: an existing ``path`` is moved
+    aside first (``.<name>.old-<token>``) and removed only after the rename, so a crash leaves
+    either the old or the new checkpoint, never a half-written one."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{token}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -164,14 +178,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         _write_files(tmp, model, optimizer, scheduler, step, data_state, extra)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{token}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in_dir(tmp, path, token)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
