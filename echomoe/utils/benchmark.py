@@ -7,6 +7,7 @@ one run are the figures worth quoting; absolute times are not stable across runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -15,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -108,6 +109,17 @@ def environment() -> dict[str, object]:
         "python": platform.python_version(),
         "cuda": torch.cuda.is_available(),
     }
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def write_json(path: str | Path, payload: dict) -> Path:

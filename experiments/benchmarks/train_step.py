@@ -27,6 +27,7 @@ from echomoe.utils.benchmark import (
     qwen2_reference_pair,
     synthetic_token_ids,
     time_interleaved,
+    torch_threads,
     vlm_training_batch,
     write_json,
 )
@@ -110,14 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: ratios are stable on a shared machine)")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     variants = ["dense"] + [v for v in args.variants if v != "dense"]
-    try:
+    with torch_threads(args.threads):
         payload = run(args.presets, variants, args.batch_size, args.seq_len, args.repeats,
                       args.min_seconds, args.hf_hidden, args.hf_layers)
-    finally:
-        torch.set_num_threads(threads)
     print(table(payload))
     write_json(args.out, payload)
     print(f"\nwrote {args.out}")
