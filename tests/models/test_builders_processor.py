@@ -231,3 +231,16 @@ def test_generate_from_processor_output(processor, images):
                        regions="breast")
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
+def test_processor_refuses_a_config_whose_pad_or_eos_ids_differ(processor):
+    tok = processor.tokenizer
+    config = build_config("tiny")
+    config.eos_token_id = tok.eos_token_id + 100
+    with pytest.raises(ValueError, match=r"eos_token: tokenizer 2, config 102"):
+        EchoMoEProcessor.from_config(config, tok)
+    config = build_config("tiny")
+    config.pad_token_id = 5
+    with pytest.raises(ValueError, match=r"pad_token: tokenizer 0, config 5"):
+        EchoMoEProcessor.from_config(config, tok)
+    assert build_config("tiny").eos_token_id == tok.eos_token_id == 2
