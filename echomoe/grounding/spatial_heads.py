@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from echomoe.grounding.heads import head_mlp
+from echomoe.grounding.heads import _check_hidden, head_mlp
 
 
 def cell_centres(h: int, w: int, *, device=None, dtype=None) -> Tensor:
@@ -62,9 +62,7 @@ class _QueryHeatmaps(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor([math.log(10.0)]))
 
     def check(self, name: str, hidden: Tensor, features: Tensor) -> None:
-        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
-            raise ValueError(f"{name} expects a (B, {self.hidden_size}) hidden state, got "
-                             f"{tuple(hidden.shape)}")
+        _check_hidden(hidden, self.hidden_size, name)
         if features.dim() != 4 or features.shape[1] != self.in_channels \
                 or features.shape[0] != hidden.shape[0]:
             raise ValueError(f"{name} expects pixel features (B={hidden.shape[0]}, "

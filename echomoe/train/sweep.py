@@ -37,6 +37,7 @@ import math
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -221,8 +222,6 @@ def _run_one(run_fn: RunFn, run: str, overrides: list[str], run_dir: Path,
              tag: str) -> dict[str, Any]:
     """Run one run; return its summary (a ``failed`` summary, also written, if it raised or
     wrote no finished summary)."""
-    import time
-
     started = time.perf_counter()
     error, tb = None, ""
     try:
