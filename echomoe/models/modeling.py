@@ -311,7 +311,13 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
 
         grounding = masks is not None or boxes is not None or keypoints is not None
         need_hidden = grounding or images is not None
-        with self.routing_context.route(region_ids, token_mask=attention_mask):
+        # MoE aux losses are for training and evaluation; generate() and other unsupervised
+        # forwards without gradients skip them.
+        supervised = labels is not None or grounding
+        with self.routing_context.route(
+            region_ids, token_mask=attention_mask,
+            compute_aux_losses=supervised or torch.is_grad_enabled(),
+        ):
             out = self.language_model(
                 inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
                 past_key_values=past_key_values, position_ids=position_ids,
@@ -326,7 +332,6 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         preds = self._ground(input_ids, out.hidden_states, images, masks, boxes, keypoints,
                              has_mask, has_box, has_keypoints, losses) if need_hidden else {}
         weights = self.config.loss_weights
-        supervised = labels is not None or grounding
         total = None
         if supervised and losses:
             total = sum(weights.get(k.removeprefix("vision_"), 1.0) * v for k, v in losses.items())

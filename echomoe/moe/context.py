@@ -35,24 +35,32 @@ class RoutingContext:
     def __init__(self) -> None:
         self.region_ids: Tensor | None = None
         self.token_mask: Tensor | None = None
+        self.compute_aux_losses = True
         self.records: dict[str, MoEOutput] = {}
 
     @contextmanager
     def route(
-        self, region_ids: Tensor | None, token_mask: Tensor | None = None
+        self,
+        region_ids: Tensor | None,
+        token_mask: Tensor | None = None,
+        *,
+        compute_aux_losses: bool = True,
     ) -> Iterator[RoutingContext]:
         """Route every forward inside the block with ``region_ids (B,)``; clears old records.
 
         ``token_mask`` (the attention mask, ``(B, L)``) keeps padding out of the aux losses; with
         a KV cache its last ``T`` columns belong to the ``T`` tokens of the current forward.
+        ``compute_aux_losses=False`` skips the routers' aux losses (then :meth:`aux_losses` is
+        empty): for inference, e.g. each step of ``generate()``.
         """
-        previous = self.region_ids, self.token_mask
+        previous = self.region_ids, self.token_mask, self.compute_aux_losses
         self.region_ids, self.token_mask = region_ids, token_mask
+        self.compute_aux_losses = compute_aux_losses
         self.records = {}
         try:
             yield self
         finally:
-            self.region_ids, self.token_mask = previous
+            self.region_ids, self.token_mask, self.compute_aux_losses = previous
 
     def region_ids_for(self, batch_size: int) -> Tensor | None:
         """The region ids for a batch of ``batch_size`` rows.
@@ -121,7 +129,11 @@ class MoEAdapter(nn.Module):
         """``(B, T, D) -> (B, T, D)``: the MoE layer's hidden states; its aux losses and
         routing go to the context (region ids and padding mask read from it)."""
         b, t = hidden_states.shape[:2]
-        region_ids = self.context.region_ids_for(b)
-        out = self.moe(hidden_states, region_ids, self.context.token_mask_for(b, t))
+        context = self.context
+        region_ids = context.region_ids_for(b)
+        if context.compute_aux_losses:
+            out = self.moe(hidden_states, region_ids, context.token_mask_for(b, t))
+        else:  # the token mask only feeds the aux losses
+            out = self.moe(hidden_states, region_ids, aux_losses=False)
         self.context.record(self.name, out)
         return out.hidden_states

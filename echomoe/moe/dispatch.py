@@ -56,26 +56,29 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor) -> Tensor:
         gate, up = h.chunk(2, dim=-1)
-        ctx.save_for_backward(h)
-        return F.silu(gate) * up
+        act = F.silu(gate)
+        ctx.save_for_backward(h, act)  # like a dense SwiGLU's autograd: no recomputation
+        return act * up
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (h,) = ctx.saved_tensors
+        h, act = ctx.saved_tensors
         gate, up = h.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
         out = torch.empty_like(h)
         d_gate, d_up = out.chunk(2, dim=-1)
-        torch.mul(gate, sig, out=d_up)
-        d_up.mul_(grad)  # d/d_up = silu(gate)
-        torch.mul(gate, 1.0 - sig, out=d_gate)
-        d_gate.add_(1.0).mul_(sig).mul_(up).mul_(grad)  # silu'(g) = s * (1 + g * (1 - s))
+        torch.mul(act, grad, out=d_up)  # d/d_up = silu(gate)
+        torch.mul(grad, up, out=d_gate)
+        # d/d_gate = grad * up * silu'(gate), in one fused kernel
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
         return out
 
 
 def swiglu(h: Tensor) -> Tensor:
     """``silu(gate) * up`` for a fused ``(..., 2F)`` projection ``[gate | up]``."""
-    return _SwiGLU.apply(h)
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _SwiGLU.apply(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
 
 
 def gated_activation(h: Tensor, activation: str) -> Tensor:

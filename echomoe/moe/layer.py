@@ -71,7 +71,7 @@ def validate_region_ids(region_ids: Tensor, batch_size: int, num_regions: int) -
             f"region_ids must have shape (batch,) = ({batch_size},), got {tuple(region_ids.shape)}"
         )
     if region_ids.numel():
-        lo, hi = int(region_ids.min()), int(region_ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(region_ids))
         if lo < -1 or hi >= num_regions:
             bad = lo if lo < -1 else hi
             raise ValueError(
@@ -113,8 +113,10 @@ class DenseFFN(nn.Module):
         hidden_states: Tensor,
         region_ids: Tensor | None = None,
         token_mask: Tensor | None = None,
+        *,
+        aux_losses: bool = True,
     ) -> MoEOutput:
-        """``(B, T, D) -> MoEOutput``; ``region_ids`` and ``token_mask`` are accepted, unused."""
+        """``(B, T, D) -> MoEOutput``; the other arguments are accepted, unused."""
         return MoEOutput(self.mlp(hidden_states))
 
 
@@ -178,6 +180,8 @@ class MoELayer(nn.Module):
         hidden_states: Tensor,
         region_ids: Tensor | None = None,
         token_mask: Tensor | None = None,
+        *,
+        aux_losses: bool = True,
     ) -> MoEOutput:
         """Route ``hidden_states (B, T, D)``.
 
@@ -185,6 +189,8 @@ class MoELayer(nn.Module):
             region_ids: ``(B,)`` region per sample (``-1`` = unknown) or ``None``.
             token_mask: ``(B, T)`` bool/int, ``True``/1 for real tokens; padding is routed but
                 excluded from the auxiliary losses.
+            aux_losses: compute the router's auxiliary losses (``False``: the output's
+                ``aux_losses`` is empty; for inference, where nothing reads them).
         """
         regions = token_regions(
             "MoELayer", hidden_states, self.hidden_size, region_ids, self.num_regions
@@ -198,8 +204,9 @@ class MoELayer(nn.Module):
                     f"token_mask must have shape (batch, tokens) = ({b}, {t}), "
                     f"got {tuple(token_mask.shape)}"
                 )
-            flat_mask = token_mask.to(device=x.device, dtype=torch.bool).reshape(b * t)
-        routed = self.router(x, regions, flat_mask)
+            if aux_losses:  # only the aux losses read it
+                flat_mask = token_mask.to(device=x.device, dtype=torch.bool).reshape(b * t)
+        routed = self.router(x, regions, flat_mask, aux_losses=aux_losses)
         if isinstance(routed, ExpertChoiceOutput):
             y, info = self._expert_choice(x, routed, regions)
         else:

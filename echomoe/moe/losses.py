@@ -9,6 +9,7 @@ Axis legend: ``N`` tokens, ``E`` experts, ``k`` experts per token, ``R`` regions
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -30,11 +31,12 @@ def load_balancing_loss(probs: Tensor, expert_ids: Tensor, num_experts: int) -> 
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    kept = expert_ids[expert_ids >= 0]
-    counts = torch.bincount(kept, minlength=num_experts).to(probs.dtype)
+    # Shift by one so that dropped (-1) assignments land in bin 0: no boolean gather, no sync.
+    counts = torch.bincount(expert_ids.reshape(-1) + 1, minlength=num_experts + 1)[1:]
+    counts = counts.to(probs.dtype)
     f = counts / counts.sum().clamp_min(1.0)
     p = probs.mean(dim=0)
-    return num_experts * torch.sum(f * p)
+    return num_experts * torch.dot(f, p)
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
@@ -58,10 +60,12 @@ def region_alignment_loss(probs: Tensor, region_ids: Tensor | None, region_mask:
     Returns ``-mean_n log(sum_{e in S(r_n)} p_{n,e})`` over tokens with a known region, and 0 when
     there are none.  It is 0 when every token routes entirely inside its region's experts.
     """
-    if region_ids is None:
+    if region_ids is None or probs.shape[0] == 0:
         return probs.new_zeros(())
+    # Column R (all zero) serves unknown regions, which index -1 picks; they are then left out
+    # of the sum and of the count, without a boolean gather or a host sync.
+    mask_t = F.pad(region_mask.t().to(probs.dtype), (0, 1))  # (E, R + 1)
+    mass = (probs.t() * mask_t[:, region_ids]).sum(dim=0)  # (N,)
     known = region_ids >= 0
-    if not bool(known.any()):
-        return probs.new_zeros(())
-    mass = (probs[known] * region_mask[region_ids[known]].to(probs.dtype)).sum(dim=-1)
-    return -torch.log(mass.clamp_min(torch.finfo(probs.dtype).tiny)).mean()
+    log_mass = torch.log(mass.clamp_min(torch.finfo(probs.dtype).tiny))
+    return -torch.where(known, log_mass, 0.0).sum() / known.sum().clamp_min(1)

@@ -32,7 +32,8 @@ class RouterOutput:
     """What a token-choice router decided for ``N`` tokens.
 
     Attributes:
-        logits: ``(N, E)`` router logits after any region bias or mask (fp32).
+        logits: ``(N, E)`` router logits after any region bias or mask (fp32); an expert-major
+            (transposed) view, like ``probs``.
         probs: ``(N, E)`` softmax of ``logits``.
         expert_ids: ``(N, k)`` int64 chosen experts; ``-1`` = assignment dropped (capacity).
         weights: ``(N, k)`` combine weights (0 where dropped).  With ``normalize=True`` each row
@@ -184,8 +185,14 @@ class TopKRouter(nn.Module):
         return float(self.top_k)
 
     def compute_logits(self, x: Tensor, region_ids: Tensor | None) -> Tensor:
-        """``(N, D) -> (N, E)`` fp32 logits. Subclasses add region terms here."""
-        return F.linear(x, self.weight).float()
+        """``(N, D) -> (N, E)`` fp32 logits. Subclasses add region terms here.
+
+        The logits are stored expert-major (a transposed view of an ``(E, N)`` tensor): with few
+        experts, softmax, top-k and the losses over ``E`` then run along contiguous memory,
+        many times faster on the CPU than over ``E``-long rows.  Region terms keep that layout
+        by being built ``(E, N)`` and transposed (any ``(N, E)`` result still works).
+        """
+        return torch.mm(self.weight, x.t()).float().t()
 
     def region_losses(self, probs: Tensor, region_ids: Tensor | None) -> dict[str, Tensor]:
         """Region-dependent aux losses from ``(N, E)`` router probabilities and ``(N,)``
@@ -193,25 +200,36 @@ class TopKRouter(nn.Module):
         return {}
 
     def forward(
-        self, x: Tensor, region_ids: Tensor | None = None, token_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        region_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        *,
+        aux_losses: bool = True,
     ) -> RouterOutput:
         """Route ``x (N, D)``; ``region_ids (N,)`` or ``None``.
 
         ``token_mask (N,)`` bool marks real tokens: padding (``False``) is still routed but left
         out of the auxiliary losses, so batch padding does not bias load balancing.
+        ``aux_losses=False`` skips computing them (``aux_losses`` of the output is empty): for
+        inference, where nothing uses them.
         """
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        if token_mask is not None and x.device.type == "cpu" and bool(token_mask.all()):
+        if not aux_losses:
+            token_mask = None  # only the aux losses read it
+        elif token_mask is not None and x.device.type == "cpu" and bool(token_mask.all()):
             token_mask = None  # no padding: skip four boolean gathers (cheap check on the CPU)
-        logits = self.compute_logits(x, region_ids)  # (N, E)
-        probs = logits.softmax(dim=-1)
+        logits_t = self.compute_logits(x, region_ids).t().contiguous()  # (E, N), see there
+        probs_t = logits_t.softmax(dim=0)
         # Select on logits, not probs: a masked (-inf) expert must never tie with an allowed
         # expert whose probability underflowed to 0.
-        expert_ids = logits.topk(self.top_k, dim=-1).indices  # (N, k)
-        weights = probs.gather(1, expert_ids)
+        ids_t = logits_t.topk(self.top_k, dim=0).indices  # (k, N)
+        weights_t = probs_t.gather(0, ids_t)
         if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights_t = weights_t / weights_t.sum(dim=0, keepdim=True)
+        logits, probs = logits_t.t(), probs_t.t()  # (N, E) views
+        expert_ids, weights = ids_t.t().contiguous(), weights_t.t().contiguous()  # (N, k)
         num_dropped = None
         if self.capacity_factor is not None:
             n = x.shape[0]
@@ -219,17 +237,22 @@ class TopKRouter(nn.Module):
             expert_ids, weights, num_dropped = _capacity_drop(
                 expert_ids, weights, self.num_experts, capacity
             )
-        if token_mask is None:
-            kept = (probs, expert_ids, logits, region_ids)
-        else:
-            kept = (probs[token_mask], expert_ids[token_mask], logits[token_mask],
-                    None if region_ids is None else region_ids[token_mask])
-        aux = {
-            "balance": load_balancing_loss(kept[0], kept[1], self.num_experts),
-            "z": router_z_loss(kept[2]),
-            **self.region_losses(kept[0], kept[3]),
-        }
+        aux = self._aux_losses(logits, probs, expert_ids, region_ids, token_mask) \
+            if aux_losses else {}
         return RouterOutput(logits, probs, expert_ids, weights.to(x.dtype), aux, num_dropped)
+
+    def _aux_losses(self, logits: Tensor, probs: Tensor, expert_ids: Tensor,
+                    region_ids: Tensor | None, token_mask: Tensor | None) -> dict[str, Tensor]:
+        """Balance, z and region losses over the tokens ``token_mask`` keeps (all if ``None``)."""
+        if token_mask is not None:
+            logits, probs, expert_ids = logits[token_mask], probs[token_mask], \
+                expert_ids[token_mask]
+            region_ids = None if region_ids is None else region_ids[token_mask]
+        return {
+            "balance": load_balancing_loss(probs, expert_ids, self.num_experts),
+            "z": router_z_loss(logits),
+            **self.region_losses(probs, region_ids),
+        }
 
 
 class _RegionRouter(TopKRouter):
@@ -292,10 +315,10 @@ class RegionHardRouter(_RegionRouter):
         logits = super().compute_logits(x, region_ids)
         if region_ids is None:
             return logits
-        # Row R of the extended mask (all True) serves unknown regions: index -1 picks it.
+        # Column R of the extended mask (all True) serves unknown regions: index -1 picks it.
         everything = self.region_mask.new_ones(1, self.num_experts)
-        allowed = torch.cat([self.region_mask, everything])[region_ids]  # (N, E)
-        return logits.masked_fill(~allowed, float("-inf"))
+        allowed_t = torch.cat([self.region_mask, everything]).t()[:, region_ids]  # (E, N)
+        return logits.t().masked_fill(~allowed_t, float("-inf")).t()
 
 
 class RegionSoftRouter(_RegionRouter):
@@ -313,8 +336,9 @@ class RegionSoftRouter(_RegionRouter):
         logits = super().compute_logits(x, region_ids)
         if region_ids is None:
             return logits
-        # A zero row R serves unknown regions (index -1 picks it) and gets no gradient.
-        return logits + F.pad(self.region_bias, (0, 0, 0, 1))[region_ids].float()
+        # A zero column R serves unknown regions (index -1 picks it) and gets no gradient.
+        bias_t = F.pad(self.region_bias, (0, 0, 0, 1)).t()[:, region_ids]  # (E, N)
+        return (logits.t() + bias_t.float()).t()
 
     def region_losses(self, probs: Tensor, region_ids: Tensor | None) -> dict[str, Tensor]:
         """``{"region": alignment loss}``: probability mass outside each token's region
@@ -366,14 +390,23 @@ class ExpertChoiceRouter(nn.Module):
         return min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
 
     def forward(
-        self, x: Tensor, region_ids: Tensor | None = None, token_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        region_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        *,
+        aux_losses: bool = True,
     ) -> ExpertChoiceOutput:
         """Route ``x (N, D)``; region ids are accepted for statistics but not used.
 
         ``token_mask (N,)``: tokens marked ``False`` are left out of the z-loss.
+        ``aux_losses=False`` skips the z-loss.
         """
-        logits = F.linear(x, self.weight).float()  # (N, E)
-        probs = logits.softmax(dim=-1)
-        weights, token_ids = probs.t().topk(self.capacity(x.shape[0]), dim=-1)  # (E, C)
-        z = router_z_loss(logits if token_mask is None else logits[token_mask])
-        return ExpertChoiceOutput(logits, probs, token_ids, weights.to(x.dtype), {"z": z})
+        logits_t = torch.mm(self.weight, x.t()).float()  # (E, N): fast softmax over E
+        probs_t = logits_t.softmax(dim=0)
+        weights, token_ids = probs_t.topk(self.capacity(x.shape[0]), dim=-1)  # (E, C)
+        logits, probs = logits_t.t(), probs_t.t()  # (N, E) views
+        aux = {}
+        if aux_losses:
+            aux["z"] = router_z_loss(logits if token_mask is None else logits[token_mask])
+        return ExpertChoiceOutput(logits, probs, token_ids, weights.to(x.dtype), aux)

@@ -58,10 +58,13 @@ class SoftMoE(nn.Module):
         hidden_states: Tensor,
         region_ids: Tensor | None = None,
         token_mask: Tensor | None = None,
+        *,
+        aux_losses: bool = True,
     ) -> MoEOutput:
         """``(B, T, D) -> MoEOutput``; region ids (``(B,)``) only feed statistics.
 
-        ``token_mask`` is accepted for a uniform call signature; soft MoE has no aux losses.
+        ``token_mask`` and ``aux_losses`` are accepted for a uniform call signature; soft MoE
+        has no aux losses.
         """
         regions = token_regions(
             "SoftMoE", hidden_states, self.hidden_size, region_ids, self.num_regions

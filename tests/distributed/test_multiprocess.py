@@ -10,6 +10,7 @@ import torch
 from _launch import REPO, STEPS, max_state_diff, read_result, run_single, run_torchrun
 
 from echomoe.models.modeling import EchoMoEForConditionalGeneration
+from echomoe.utils.benchmark import torch_threads
 
 pytestmark = pytest.mark.slow
 TOL = 1e-4
@@ -85,7 +86,7 @@ def test_zero2_two_processes_equal_one_process_and_checkpoint_loads(setup_dir,
     assert max_state_diff(model.state_dict(), ref["state"]) < TOL
     batch = torch.load(setup_dir / "batches.pt", weights_only=False)[0]
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(1):  # the workers' thread count: bitwise equal
         logits = model(**batch).logits
     assert torch.equal(logits, torch.load(out / "z2_logits.pt"))
 

@@ -15,6 +15,8 @@ MOE = {
     "region_hard": {"num_experts": 4, "top_k": 1, "router": "region_hard", "upcycle": False,
                     "intermediate_size": 64,
                     "region_experts": [[0], [1], [2], [3], [0], [1], [2]]},
+    "region_soft": {"num_experts": 4, "top_k": 2, "router": "region_soft", "upcycle": False,
+                    "intermediate_size": 32},
     "dual_path": {"num_experts": 4, "top_k": 2, "upcycle": False, "intermediate_size": 32,
                   "dense_branch_size": 64},
 }
@@ -256,10 +258,29 @@ def test_right_padding_does_not_change_the_moe_losses():
     ids = inputs["input_ids"]
     padded = torch.cat([ids, torch.zeros(2, 4, dtype=ids.dtype)], dim=1)
     mask = torch.cat([torch.ones_like(ids), torch.zeros(2, 4, dtype=ids.dtype)], dim=1)
-    with torch.no_grad():
+    labels = padded.masked_fill(mask == 0, -100)
+    with torch.no_grad():  # labels make the forward supervised: aux losses are computed
         plain = model(input_ids=ids, pixel_values=inputs["pixel_values"],
-                      region_ids=inputs["region_ids"])
+                      region_ids=inputs["region_ids"], labels=ids)
         pad = model(input_ids=padded, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                    region_ids=inputs["region_ids"])
+                    region_ids=inputs["region_ids"], labels=labels)
     for name in ("moe_balance", "moe_z"):
         torch.testing.assert_close(pad.losses[name], plain.losses[name], msg=name)
+
+
+def test_inference_forwards_skip_the_moe_aux_losses_but_not_the_routing():
+    model = make_model("region_soft").eval()
+    inputs = batch(model)
+    kwargs = {"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"],
+              "region_ids": inputs["region_ids"]}
+    with torch.no_grad():
+        inference = model(**kwargs)  # what each generate() step is
+        evaluation = model(**kwargs, labels=inputs["input_ids"])
+    with_grad = model(**kwargs)
+    moe_keys = {"moe_balance", "moe_z", "moe_region"}
+    assert not moe_keys & set(inference.losses)
+    assert moe_keys <= set(evaluation.losses) and moe_keys <= set(with_grad.losses)
+    torch.testing.assert_close(inference.logits, evaluation.logits)
+    assert inference.routing.keys() == evaluation.routing.keys()
+    for name, info in inference.routing.items():
+        assert torch.equal(info.expert_ids, evaluation.routing[name].expert_ids)

@@ -135,6 +135,24 @@ def test_region_ids_reach_generate_with_beams():
     assert set(info.expert_ids[info.region_ids == 0].unique().tolist()) <= {0, 1}
 
 
+def test_routing_context_can_skip_the_aux_losses():
+    model = tiny_qwen2(layers=2)
+    ctx = moefy(model, num_experts=4, top_k=2, router="region_soft", num_regions=3)
+    ids, regions = torch.randint(0, 99, (2, 5)), torch.tensor([2, 0])
+    with torch.no_grad():
+        with ctx.route(regions, compute_aux_losses=False):
+            skipped = model(ids).logits
+            assert ctx.aux_losses() == {} and len(ctx.routing()) == 2
+            with ctx.route(regions):  # nested blocks restore the outer setting
+                model(ids)
+                assert set(ctx.aux_losses()) == {"balance", "z", "region"}
+            assert ctx.compute_aux_losses is False
+        with ctx.route(regions):
+            full = model(ids).logits
+    torch.testing.assert_close(skipped, full, rtol=0, atol=0)
+    assert ctx.compute_aux_losses is True
+
+
 @pytest.mark.slow
 def test_moefied_qwen2_trains_with_aux_losses():
     torch.manual_seed(0)
