@@ -5,6 +5,7 @@ generated from.  Timings are not checked (they depend on the machine); schema an
 import importlib
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -23,13 +24,33 @@ def bench():
         sys.path.remove(str(BENCH_DIR))
 
 
-TIMING_KEYS = {"median_ms", "min_ms", "max_ms", "rounds"}
+TIMING_KEYS = {"median_ms", "min_ms", "max_ms", "rounds", "samples_ms"}
 
 
 def _check_timing(result: dict) -> None:
     assert TIMING_KEYS <= set(result)
     assert 0 < result["min_ms"] <= result["median_ms"] <= result["max_ms"]
-    assert result["rounds"] >= 1
+    assert result["rounds"] == len(result["samples_ms"]) >= 1
+    assert result["median_ms"] == statistics.median(result["samples_ms"])
+
+
+def _paired(result: dict, reference: dict) -> float:
+    return statistics.median(
+        a / b for a, b in zip(result["samples_ms"], reference["samples_ms"], strict=True))
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    from echomoe.utils.benchmark import paired_ratio, time_interleaved
+
+    # Round 2 ran under load for both. Per-round ratios: 2, 2, 7/3 -> 2; medians: 7 / 3.
+    times = {"moe": {"samples_ms": [2.0, 40.0, 7.0]}, "dense": {"samples_ms": [1.0, 20.0, 3.0]}}
+    assert paired_ratio(times, "moe", "dense") == 2.0
+    assert paired_ratio(times, "dense", "moe") == 0.5
+    calls = []
+    result = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                              repeats=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then interleaved rounds
+    assert all(len(r["samples_ms"]) == r["rounds"] == 3 for r in result.values())
 
 
 def _check_common(payload: dict, name: str, path: Path) -> None:
@@ -63,13 +84,12 @@ def test_moe_layer_benchmark(bench, tmp_path):
     results = row["results"]
     assert set(results) == {"dense", "echomoe_grouped_mm", "echomoe_loop", "hf_eager",
                             "hf_grouped_mm"}
-    dense = results["dense"]["median_ms"]
     for r in results.values():
         _check_timing(r)
-        assert math.isclose(r["R"], r["median_ms"] / dense)
-    best_hf = min(results["hf_eager"]["median_ms"], results["hf_grouped_mm"]["median_ms"])
+        assert math.isclose(r["R"], _paired(r, results["dense"]))
+    ours = results["echomoe_grouped_mm"]
     assert math.isclose(row["speedup_vs_best_hf"],
-                        best_hf / results["echomoe_grouped_mm"]["median_ms"])
+                        min(_paired(results[hf], ours) for hf in ("hf_eager", "hf_grouped_mm")))
     _check_readme_update(bench, payload, tmp_path)
 
 
@@ -87,10 +107,10 @@ def test_train_step_benchmark(bench, tmp_path):
     assert list(echomoe["results"]) == ["dense", "moe_topk", "moe_region_soft"]
     assert list(hf["results"]) == ["qwen2", "qwen2_moe"] and hf["target"] is None
     for group in payload["groups"]:
-        dense = group["results"][group["dense"]]["median_ms"]
+        dense = group["results"][group["dense"]]
         for variant, r in group["results"].items():
             _check_timing(r)
-            assert math.isclose(r["ratio_vs_dense"], r["median_ms"] / dense)
+            assert math.isclose(r["ratio_vs_dense"], _paired(r, dense))
             if group["target"] is None or variant == group["dense"]:
                 assert r["meets_target"] is None
             else:
@@ -116,7 +136,8 @@ def test_decode_benchmark(bench, tmp_path):
         for r in group["results"].values():
             _check_timing(r)
             assert math.isclose(r["tokens_per_s"], 2 * 3 / (r["median_ms"] / 1e3))
-            assert math.isclose(r["ratio_vs_dense"], r["tokens_per_s"] / dense["tokens_per_s"])
+            assert math.isclose(r["ratio_vs_dense"], _paired(dense, r))  # dense time / ours
+            # one KV round: the paired ratio is the ratio of the two times
             assert math.isclose(r["kv_cache_speedup"],
                                 r["kv_median_ms_no_cache"] / r["kv_median_ms"])
     assert all(r["meets_target"] is None for r in hf["results"].values())

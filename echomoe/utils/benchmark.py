@@ -33,7 +33,8 @@ def time_interleaved(
 
     At least ``repeats`` rounds, and more for fast candidates, so that each round set lasts at
     least ``min_seconds`` (estimated from the warm-up).  Returns
-    ``{name: {"median_ms", "min_ms", "max_ms", "rounds"}}``.
+    ``{name: {"median_ms", "min_ms", "max_ms", "rounds", "samples_ms"}}`` (``samples_ms``: the
+    time of each round, in round order; see :func:`paired_ratio`).
     """
     round_s = 0.0
     for fn in candidates.values():
@@ -55,6 +56,7 @@ def time_interleaved(
             "min_ms": min(ts),
             "max_ms": max(ts),
             "rounds": len(ts),
+            "samples_ms": ts,
         }
         for name, ts in samples.items()
     }
@@ -140,9 +142,16 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def ratio_of_medians(times: dict[str, dict[str, float]], name: str, reference: str) -> float:
-    """``median(name) / median(reference)`` from a :func:`time_interleaved` result."""
-    return times[name]["median_ms"] / times[reference]["median_ms"]
+def paired_ratio(times: dict[str, dict], name: str, reference: str) -> float:
+    """Median over rounds of ``time(name) / time(reference)`` from :func:`time_interleaved`.
+
+    Each round runs every candidate back to back, so the two times of a round were measured
+    under the same machine load; the median of those per-round ratios is steadier on a shared
+    machine than a ratio of medians, whose numerator and denominator may come from different
+    rounds.
+    """
+    pairs = zip(times[name]["samples_ms"], times[reference]["samples_ms"], strict=True)
+    return statistics.median(a / b for a, b in pairs)
 
 
 def synthetic_token_ids(

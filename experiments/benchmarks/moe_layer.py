@@ -8,8 +8,9 @@ For each (T, D, F, E, k) it times, side by side in interleaved rounds, fp32 on C
   experts and with its default experts implementation (``grouped_mm``),
 
 all MoE variants sharing the same router and expert weights, and reports ``R = time / dense``,
-the speed-up of echomoe's default backend over the fastest transformers option, and (each in a
-fresh process) the peak memory of one forward + backward.
+the speed-up of echomoe's default backend over the fastest transformers option (both medians of
+per-round ratios, :func:`~echomoe.utils.benchmark.paired_ratio`), and (each in a fresh process)
+the peak memory of one forward + backward.
 
     python experiments/benchmarks/moe_layer.py --out results/moe_layer.json
 """
@@ -30,6 +31,7 @@ from echomoe.utils.benchmark import (
     environment,
     markdown_table,
     measure_in_subprocess,
+    paired_ratio,
     peak_rss_mb,
     reset_peak_rss,
     time_interleaved,
@@ -108,18 +110,18 @@ def run(configs, repeats: int, skip_loop_above: int, with_memory: bool,
             module, call = build(impl, *cfg)
             steps[impl] = step_fn(call, module, x, grad)
         times = time_interleaved(steps, repeats=repeats, min_seconds=min_seconds)
-        dense = times["dense"]["median_ms"]
         results = {}
         for impl in impls:
-            results[impl] = {**times[impl], "R": times[impl]["median_ms"] / dense}
+            results[impl] = {**times[impl], "R": paired_ratio(times, impl, "dense")}
             if with_memory:
                 argv = [__file__, "--memory-probe", impl, json.dumps(list(cfg))]
                 results[impl].update(measure_in_subprocess(argv))
-        best_hf = min(results[i]["median_ms"] for i in ("hf_eager", "hf_grouped_mm"))
+        speedup = min(paired_ratio(times, hf, "echomoe_grouped_mm")
+                      for hf in ("hf_eager", "hf_grouped_mm"))
         rows.append({
             "T": T, "D": D, "F": F, "E": E, "k": k,
             "results": results,
-            "speedup_vs_best_hf": best_hf / results["echomoe_grouped_mm"]["median_ms"],
+            "speedup_vs_best_hf": speedup,
             "target_R": TARGETS.get((E, k, T)),
         })
         print(f"done T={T} D={D} F={F} E={E} k={k}", file=sys.stderr)

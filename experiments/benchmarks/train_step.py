@@ -5,9 +5,9 @@ on the CPU, one full training step (forward with labels and aux losses, backward
 of every variant of the preset (``dense``, ``moe_topk``, ``moe_shared``, ``moe_dual_path``,
 ``moe_region_hard``, ``moe_region_soft``: all with the same active FFN parameters per token) on
 one synthetic batch (an image's tokens + random text, one region per sample), and reports each
-variant's time ÷ the dense model's.  In the same run, as the reference, it times
-``transformers``' own pair: ``Qwen2ForCausalLM`` vs ``Qwen2MoeForCausalLM`` with 8 experts, top-2,
-at the same active width (hidden 256, 4 layers, text only).
+variant's time ÷ the dense model's (the median of per-round ratios).  In the same run, as the
+reference, it times ``transformers``' own pair: ``Qwen2ForCausalLM`` vs ``Qwen2MoeForCausalLM``
+with 8 experts, top-2, at the same active width (hidden 256, 4 layers, text only).
 
     python experiments/benchmarks/train_step.py --out results/train_step.json
 """
@@ -24,6 +24,7 @@ from echomoe.models import VARIANTS, build_model
 from echomoe.utils.benchmark import (
     environment,
     markdown_table,
+    paired_ratio,
     qwen2_reference_pair,
     synthetic_token_ids,
     time_interleaved,
@@ -53,7 +54,7 @@ def _group(name: str, steps: dict[str, Callable], dense: str, repeats: int, min_
     times = time_interleaved(steps, repeats=repeats, warmup=2, min_seconds=min_seconds)
     results = {}
     for variant, t in times.items():
-        ratio = t["median_ms"] / times[dense]["median_ms"]
+        ratio = paired_ratio(times, variant, dense)
         results[variant] = {**t, "ratio_vs_dense": ratio,
                             "meets_target": None if target is None or variant == dense
                             else ratio <= target}
