@@ -36,10 +36,12 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-BENCH_JSON := results/moe_layer.json results/train_step.json results/decode.json results/data.json
+BENCH_JSON := results/moe_layer.json results/moe_layer_threads1.json results/train_step.json results/decode.json results/data.json
 
 bench: install
 	$(PY) experiments/benchmarks/moe_layer.py --out results/moe_layer.json
+	$(PY) experiments/benchmarks/moe_layer.py --threads 1 --no-memory \
+		--out results/moe_layer_threads1.json
 	$(PY) experiments/benchmarks/train_step.py --out results/train_step.json
 	$(PY) experiments/benchmarks/decode.py --out results/decode.json
 	$(PY) experiments/benchmarks/data.py --out results/data.json

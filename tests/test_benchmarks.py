@@ -93,6 +93,23 @@ def test_moe_layer_benchmark(bench, tmp_path):
     _check_readme_update(bench, payload, tmp_path)
 
 
+def test_moe_layer_benchmark_with_a_thread_count_writes_its_own_block(bench, tmp_path):
+    out = tmp_path / "moe_layer.json"
+    payload = bench("moe_layer").main([
+        "--out", str(out), "--configs", "[[20, 16, 8, 4, 2]]", "--repeats", "1",
+        "--min-seconds", "0", "--no-memory", "--threads", "1"])
+    assert payload["environment"]["threads"] == 1
+    assert payload["readme_block"] == "moe_layer_threads1"
+    assert "peak_mb" not in payload["configs"][0]["results"]["dense"]
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- moe_layer:start -->\nkeep\n<!-- moe_layer:end -->\n"
+                      "<!-- moe_layer_threads1:start -->\nold\n<!-- moe_layer_threads1:end -->\n")
+    bench("update_readme").main([str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "keep" in text and "old" not in text and "| 20 | 16 | 8 | 4 | 2 |" in text
+    assert "1 thread;" in text
+
+
 def test_train_step_benchmark(bench, tmp_path):
     out = tmp_path / "train_step.json"
     payload = bench("train_step").main([

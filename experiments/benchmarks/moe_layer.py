@@ -35,6 +35,7 @@ from echomoe.utils.benchmark import (
     peak_rss_mb,
     reset_peak_rss,
     time_interleaved,
+    torch_threads,
     write_json,
 )
 
@@ -164,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory probes")
     parser.add_argument("--min-seconds", type=float, default=20.0,
                         help="extend the rounds of fast configs to at least this long")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's, i.e. every core); a "
+                             "non-default count writes its own README block, "
+                             "moe_layer_threads<N>")
     parser.add_argument("--memory-probe", nargs=2, metavar=("IMPL", "CONFIG"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -172,8 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(memory_probe(impl, tuple(json.loads(cfg)))))
         return {}
     configs = [tuple(c) for c in json.loads(args.configs)] if args.configs else CONFIGS
-    payload = run(configs, args.repeats, args.skip_loop_above, not args.no_memory,
-                  args.min_seconds)
+    threads = args.threads or torch.get_num_threads()
+    with torch_threads(threads):
+        payload = run(configs, args.repeats, args.skip_loop_above, not args.no_memory,
+                      args.min_seconds)
+    if args.threads is not None:
+        payload["readme_block"] = f"moe_layer_threads{args.threads}"
     print(table(payload))
     write_json(args.out, payload)
     print(f"\nwrote {args.out}")

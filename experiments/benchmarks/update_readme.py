@@ -81,8 +81,10 @@ def replace_block(readme: Path, name: str, body) -> None:
 
 
 def update(readme: Path, payload: dict) -> None:
-    """Regenerate the table of the benchmark JSON ``payload``."""
-    replace_block(readme, payload["benchmark"], lambda: render(payload))
+    """Regenerate the table of the benchmark JSON ``payload`` (in the block named by its
+    ``readme_block``, default its ``benchmark`` name)."""
+    block = payload.get("readme_block", payload["benchmark"])
+    replace_block(readme, block, lambda: render(payload))
 
 
 def main(argv: list[str] | None = None) -> None:
