@@ -114,7 +114,9 @@ class StageConfig:
         steps: optimizer steps of the stage; ``None`` (last stage only): the remaining steps.
         trainable: ``fnmatch`` patterns over ``named_parameters()`` names that train in this
             stage (e.g. ``"projector.*"``, ``"*.mlp.*"``); everything else is frozen.
-        lr_scale: multiplier on ``train.lr`` during the stage.
+        lr_scale: multiplier (> 0) on the learning rate during the stage: every parameter
+            group trains at ``train.lr * schedule(step) * lr_scale`` (times the group's own
+            scale); the warmup / decay schedule runs over all ``train.steps``, not per stage.
     """
 
     name: str = "stage"
@@ -149,7 +151,8 @@ class TrainSection:
     off).  ``eval_every`` / ``checkpoint_every``: in steps (0: only at the end); the best
     checkpoint is chosen by ``best_metric`` (``best_mode`` ``min`` / ``max``).  ``precision``
     ``auto`` = fp32 on CPU, bf16 on GPU.  ``stages`` empty = train everything for ``steps``;
-    otherwise their ``steps`` must sum to ``steps``.  ``resume``: continue from the latest
+    otherwise their ``steps`` must sum to ``steps`` and each stage's ``lr_scale`` multiplies
+    the scheduled learning rate while it is in force.  ``resume``: continue from the latest
     checkpoint in ``output_dir`` when there is one.
     """
 

@@ -36,9 +36,9 @@ import inspect
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -59,6 +59,9 @@ from echomoe.distributed.runtime import (
     is_distributed,
     world_info,
 )
+
+if TYPE_CHECKING:
+    from echomoe.train.optim import Stage
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 """Values of ``train(precision=...)`` (see :func:`resolve_precision`)."""
@@ -115,10 +118,12 @@ class Local:
     def setup(self, model: nn.Module, *, lr: float, weight_decay: float, expert_lr_scale: float,
               warmup: int, steps: int, min_lr_ratio: float, grad_accum: int,
               clip: float | None, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-              schedule: str = "cosine", precision: str = "auto") -> None:
+              schedule: str = "cosine", precision: str = "auto",
+              stages: Sequence[Stage] | None = None) -> None:
         """Build the optimiser (AdamW with ``betas`` / ``eps``) and the ``schedule`` for
-        ``model`` and resolve ``precision`` on the model's device (see
-        :func:`~echomoe.train.loop.train` for the arguments)."""
+        ``model`` (times each stage's ``lr_scale`` when ``stages`` are given) and resolve
+        ``precision`` on the model's device (see :func:`~echomoe.train.loop.train` for the
+        arguments)."""
         from echomoe.train.optim import build_optimizer, build_scheduler
 
         self.model = model
@@ -127,7 +132,7 @@ class Local:
         self.optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas,
                                          eps=eps, expert_lr_scale=expert_lr_scale)
         self.scheduler = build_scheduler(self.optimizer, schedule=schedule, warmup=warmup,
-                                         total=steps, min_ratio=min_lr_ratio)
+                                         total=steps, min_ratio=min_lr_ratio, stages=stages)
 
     @property
     def module(self) -> nn.Module:

@@ -24,6 +24,7 @@ from echomoe.train.loop import (
 from echomoe.train.optim import (
     SCHEDULES,
     Stage,
+    StagedSchedule,
     WarmupConstant,
     WarmupCosine,
     WarmupLinear,
@@ -51,6 +52,7 @@ __all__ = [
     "MultiTaskBatches",
     "NonFiniteLossError",
     "Stage",
+    "StagedSchedule",
     "WarmupConstant",
     "WarmupCosine",
     "WarmupLinear",

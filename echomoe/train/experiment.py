@@ -26,7 +26,9 @@ The final evaluation runs the harness on ``data.test_split``.
 ``train.precision`` go to :func:`~echomoe.train.loop.train`: ``bf16`` autocasts the training
 forward and loss (fp32 weights), ``auto`` is bf16 on CUDA and fp32 on CPU.  With a DeepSpeed
 config its ``bf16`` section decides (``"auto"`` there follows ``train.precision``), and an
-explicit ``train.precision`` that disagrees with it is an error.
+explicit ``train.precision`` that disagrees with it is an error.  ``train.stages`` train only
+their ``trainable`` patterns, each at ``lr_scale`` times the scheduled rate (the warmup / decay
+schedule spans all ``train.steps``; see :class:`~echomoe.train.optim.StagedSchedule`).
 
 **Scaling out.**  ``deepspeed=<json>`` trains with DeepSpeed ZeRO; under
 ``torchrun --nproc_per_node N`` the same config trains data-parallel (DDP, expert parallelism
@@ -221,7 +223,8 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         record["num_samples"] = t.batch_size * t.grad_accum
         logger.log_step(step, record, routing=probe.report() if due else None)
 
-    stages = [Stage(s.name, s.steps, tuple(s.trainable)) for s in t.stages] or None
+    stages = [Stage(s.name, s.steps, tuple(s.trainable), lr_scale=s.lr_scale)
+              for s in t.stages] or None
     try:
         history = train(
             model, batches, steps=t.steps, lr=t.lr, weight_decay=t.weight_decay,

@@ -366,8 +366,11 @@ def train(
         keep_last: ``step_*`` checkpoints kept.
         resume: continue from the latest checkpoint in ``checkpoint_dir`` when there is one.
         seed: seeds python / numpy / torch at a fresh start (a resume restores the saved RNG).
-        stages: staged training (:class:`~echomoe.train.optim.Stage`); ``None`` keeps the
-            model's ``requires_grad`` flags as they are (e.g. after ``apply_lora``).
+        stages: staged training (:class:`~echomoe.train.optim.Stage`): each stage trains its
+            ``trainable`` parameters at ``lr * schedule(step) * stage.lr_scale`` (every
+            parameter group, times the group's own scale; the schedule spans all ``steps``,
+            see :class:`~echomoe.train.optim.StagedSchedule`).  ``None`` keeps the model's
+            ``requires_grad`` flags as they are (e.g. after ``apply_lora``).
         stop_at: stop after this step with a checkpoint, without changing the schedule (for
             time-sliced jobs); ``None``: run to ``steps``.
         log_fn: ``log_fn(step, record)`` after every step (records as in the history).
@@ -424,10 +427,11 @@ def train(
                              micro_batch_size=getattr(source, "batch_size", None))
     if stages and strategy.name == "deepspeed":
         strategy.on_stage_change()  # raises: DeepSpeed fixes the trainable parameters
+    staged = {"stages": tuple(stages)} if stages else {}  # (DeepSpeed refused them above)
     strategy.setup(model, lr=lr, weight_decay=weight_decay, expert_lr_scale=expert_lr_scale,
                    warmup=warmup, steps=steps, min_lr_ratio=min_lr_ratio,
                    grad_accum=grad_accum, clip=clip, betas=betas, eps=eps, schedule=schedule,
-                   precision=precision)
+                   precision=precision, **staged)
     module = strategy.module
     main = strategy.world.is_main
     source = strategy.shard(source)

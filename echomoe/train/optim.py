@@ -18,12 +18,15 @@ logger or a per-group learning-rate rule can find them).
 
 **Stages.**  A :class:`Stage` lists the parameter-name patterns (:mod:`fnmatch`) trained during
 its ``steps`` optimiser steps; everything else is frozen (``requires_grad=False``, so AdamW
-neither updates nor decays it).  :func:`echovlm_stages` gives the EchoVLM recipe: projector only
+neither updates nor decays it), and the learning rate of every group is multiplied by its
+``lr_scale`` (:class:`StagedSchedule`, a function of the optimiser step only, so a resume
+mid-stage gets the same rate).  :func:`echovlm_stages` gives the EchoVLM recipe: projector only
 -> MoE layers + grounding heads -> everything.
 """
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import math
 from collections.abc import Iterable, Sequence
@@ -265,17 +268,82 @@ def lr_schedule(schedule: str, *, warmup: int, total: int,
     return _SCHEDULE_CLASSES[schedule](warmup=warmup, total=total, min_ratio=min_ratio)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str = "cosine", warmup: int,
-                    total: int, min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """``LambdaLR`` with the :func:`lr_schedule` multiplier (same for every group; a group's
-    rate is its initial ``lr`` times the multiplier).
+@dataclass(frozen=True)
+class StagedSchedule:
+    """The :func:`lr_schedule` multiplier times the ``lr_scale`` of the stage in force.
 
-    Its ``state_dict`` holds only numbers (the dataclass fields), so it reloads with
-    ``torch.load(weights_only=True)``.
+    ``f(s) = lr_schedule(schedule, warmup, total, min_ratio)(s) * scales[i]`` where ``i`` is the
+    number of entries of ``ends`` that are ``<= s``: ``ends`` are the cumulative end steps of
+    every stage but the last (``scales[i]`` holds from ``ends[i - 1]`` up to ``ends[i]``, the
+    last scale until the end), the same rule as :func:`stage_at`.  The warmup and decay run
+    over the whole run (``total`` steps), not per stage.  The multiplier depends on the step
+    only, and the fields are a string, numbers and tuples of numbers, so a ``LambdaLR``
+    holding it saves and reloads them with its ``state_dict`` (``weights_only=True``) and a
+    resumed run continues with exactly the rates of an uninterrupted one.
     """
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda=lr_schedule(schedule, warmup=warmup, total=total,
-                                         min_ratio=min_ratio))
+
+    schedule: str
+    warmup: int
+    total: int
+    min_ratio: float = 0.0
+    ends: tuple[int, ...] = ()
+    scales: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        lr_schedule(self.schedule, warmup=self.warmup, total=self.total,
+                    min_ratio=self.min_ratio)  # validates the base schedule
+        if len(self.scales) != len(self.ends) + 1:
+            raise ValueError(f"need one more scale than ends, got {len(self.scales)} scales "
+                             f"and {len(self.ends)} ends")
+        if any(not (math.isfinite(x) and x > 0) for x in self.scales):
+            raise ValueError(f"scales must be finite numbers > 0, got {self.scales}")
+        if any(b <= a for a, b in zip((0, *self.ends), self.ends, strict=False)):
+            raise ValueError(f"ends must be increasing positive steps, got {self.ends}")
+
+    @classmethod
+    def from_stages(cls, stages: Sequence[Stage], *, schedule: str, warmup: int, total: int,
+                    min_ratio: float = 0.0) -> StagedSchedule:
+        """The multiplier for ``stages`` (their ``steps`` and ``lr_scale``; a stage with
+        ``steps=None`` runs until the end, so later ones are never in force)."""
+        if not stages:
+            raise ValueError("stages is empty")
+        ends, scales, end = [], [], 0
+        for stage in stages:
+            scales.append(float(stage.lr_scale))
+            if stage.steps is None:
+                break
+            end += stage.steps
+            ends.append(end)
+        return cls(schedule=schedule, warmup=warmup, total=total, min_ratio=min_ratio,
+                   ends=tuple(ends[:len(scales) - 1]), scales=tuple(scales))
+
+    def scale(self, step: int) -> float:
+        """The ``lr_scale`` of the stage in force at the optimiser step ``step`` (0-based)."""
+        return self.scales[bisect.bisect_right(self.ends, step)]
+
+    def __call__(self, step: int) -> float:
+        base = lr_schedule(self.schedule, warmup=self.warmup, total=self.total,
+                           min_ratio=self.min_ratio)
+        return base(step) * self.scale(step)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str = "cosine", warmup: int,
+                    total: int, min_ratio: float = 0.0,
+                    stages: Sequence[Stage] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with the :func:`lr_schedule` multiplier (same for every group; a group's
+    rate is its initial ``lr`` times the multiplier).  With ``stages`` the multiplier is a
+    :class:`StagedSchedule`: the schedule times the ``lr_scale`` of the stage in force, so a
+    group's rate is ``lr * group lr_scale * schedule(step) * stage.lr_scale``.
+
+    Its ``state_dict`` holds only numbers and strings (the dataclass fields), so it reloads
+    with ``torch.load(weights_only=True)``; on reload the saved fields win.
+    """
+    if stages:
+        lr_lambda = StagedSchedule.from_stages(stages, schedule=schedule, warmup=warmup,
+                                               total=total, min_ratio=min_ratio)
+    else:
+        lr_lambda = lr_schedule(schedule, warmup=warmup, total=total, min_ratio=min_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_lambda)
 
 
 def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int,
@@ -321,11 +389,14 @@ def unfreeze(model: nn.Module, patterns: str | Iterable[str]) -> list[str]:
 @dataclass(frozen=True)
 class Stage:
     """One training stage: ``steps`` optimiser steps (``None``: until the end) during which
-    only parameters matching ``trainable`` (fnmatch patterns) are trained."""
+    only parameters matching ``trainable`` (fnmatch patterns) are trained, at ``lr_scale``
+    times the scheduled learning rate (``lr * schedule(step) * lr_scale`` for every parameter
+    group, on top of the group's own ``lr_scale``; see :class:`StagedSchedule`)."""
 
     name: str
     steps: int | None
     trainable: tuple[str, ...] = ("*",)
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -333,6 +404,11 @@ class Stage:
         if isinstance(self.trainable, str) or not self.trainable:
             raise ValueError(f"stage {self.name!r}: trainable must be a non-empty tuple of "
                              "patterns")
+        scale = self.lr_scale
+        if (isinstance(scale, bool) or not isinstance(scale, int | float)
+                or not math.isfinite(scale) or scale <= 0):
+            raise ValueError(f"stage {self.name!r}: lr_scale must be a finite number > 0, got "
+                             f"{scale!r}")
 
 
 def stage_at(stages: Sequence[Stage], step: int) -> tuple[int, Stage]:
