@@ -25,6 +25,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
     GenerationMixin,
     PreTrainedModel,
 )
@@ -43,6 +44,7 @@ from echomoe.grounding import (
     mask_loss,
 )
 from echomoe.models.configuration import EchoMoEConfig
+from echomoe.models.processor import EchoMoEProcessor
 from echomoe.moe.context import RoutingContext
 from echomoe.moe.layer import RoutingInfo, validate_region_ids
 from echomoe.moe.upcycle import moefy
@@ -476,6 +478,8 @@ def masks_from_logits(mask_logits: Tensor, threshold: float = 0.0) -> Tensor:
     return mask_logits > threshold
 
 
-# HF auto classes: AutoConfig / AutoModelForImageTextToText resolve "echomoe" checkpoints.
+# HF auto classes: AutoConfig / AutoModelForImageTextToText / AutoProcessor resolve "echomoe"
+# checkpoints and processors saved with save_pretrained.
 AutoConfig.register(EchoMoEConfig.model_type, EchoMoEConfig, exist_ok=True)
 AutoModelForImageTextToText.register(EchoMoEConfig, EchoMoEForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(EchoMoEConfig, EchoMoEProcessor, exist_ok=True)

@@ -41,6 +41,12 @@ from echomoe.data.schema import REGIONS, region_index
 from echomoe.data.tokenizer import IMAGE_TOKEN, load_tokenizer
 
 PROCESSOR_CONFIG = "processor_config.json"
+HUB_LOADING_OPTIONS: tuple[str, ...] = (
+    "trust_remote_code", "local_files_only", "cache_dir", "revision", "token", "subfolder",
+    "force_download", "proxies", "_from_auto",
+)
+"""Keywords of ``from_pretrained`` that ``transformers`` passes for hub downloads; a local
+directory has no use for them."""
 _PIL_MODES = {1: "L", 3: "RGB"}
 _IGNORED_KEYS = ("image_processor_type", "processor_class")
 
@@ -373,8 +379,17 @@ class EchoMoEProcessor(ProcessorMixin):
         }
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> EchoMoEProcessor:
-        """Load a processor saved with ``save_pretrained`` from a *local* directory."""
+    def from_pretrained(cls, path: str | os.PathLike, **loading_kwargs: Any) -> EchoMoEProcessor:
+        """Load a processor saved with ``save_pretrained`` from a *local* directory.
+
+        ``AutoProcessor.from_pretrained(path)`` also lands here.  The hub options it passes
+        (:data:`HUB_LOADING_OPTIONS`, e.g. ``trust_remote_code``) have nothing to do for a
+        local directory and are accepted; any other keyword is an error.
+        """
+        unknown = sorted(set(loading_kwargs) - set(HUB_LOADING_OPTIONS))
+        if unknown:
+            raise TypeError(f"EchoMoEProcessor.from_pretrained got unknown options {unknown}; "
+                            f"accepted: {', '.join(HUB_LOADING_OPTIONS)}")
         path = Path(path)
         config_file = path / PROCESSOR_CONFIG
         if not config_file.is_file():

@@ -203,6 +203,20 @@ def test_save_load_round_trip_and_decode(processor, images, tmp_path):
         EchoMoEProcessor.from_pretrained(tmp_path / "nothing")
 
 
+def test_auto_processor_loads_a_saved_processor(processor, images, tmp_path):
+    from transformers import AutoProcessor
+
+    import echomoe.models.modeling  # noqa: F401  (registers the auto classes)
+
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, EchoMoEProcessor) and loaded.to_dict() == processor.to_dict()
+    a, b = processor(images=images[0], text="Hi"), loaded(images=images[0], text="Hi")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TypeError, match="unknown options \\['colour'\\]"):
+        EchoMoEProcessor.from_pretrained(tmp_path, colour="red")
+
+
 # ------------------------------------------------------------------------------ model smoke
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_build_model_forward_smoke(variant, processor, images):
