@@ -142,28 +142,13 @@ def test_bad_config_values_name_the_field(overrides, pattern):
         load_config(BASE, overrides)
 
 
-def test_run_experiment_passes_schedule_betas_eps_precision(tmp_path, monkeypatch):
-    from echomoe.train import loop
-    from echomoe.train.experiment import run_experiment
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_train(model, batches, **kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setattr(loop, "train", fake_train)
+def test_run_experiment_passes_schedule_betas_eps_precision(tmp_path, train_kwargs_of):
     cfg = load_config(BASE, [
         "train.schedule=linear", "train.betas=[0.8, 0.95]", "train.eps=1.0e-6",
         "train.precision=bf16", "train.steps=2", "train.warmup_steps=1", "train.batch_size=2",
         "train.device=cpu", "data.n=12", "data.synthetic.image_size=32", "model.corpus_samples=12",
         "eval.num_samples=2", "logging.mode=disabled", f"output_dir={tmp_path / 'run'}"])
-    with pytest.raises(Stop):
-        run_experiment(cfg, progress=False)
+    seen = train_kwargs_of(cfg)
     assert (seen["schedule"], seen["betas"], seen["eps"], seen["precision"]) == \
         ("linear", (0.8, 0.95), 1e-6, "bf16")
     assert (seen["warmup"], seen["min_lr_ratio"]) == (1, 0.1)

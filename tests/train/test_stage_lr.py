@@ -168,27 +168,12 @@ def test_bad_lr_scale_in_the_config_names_the_field(scale):
 
 
 # ----------------------------------------------------------------------------- config path
-def test_run_experiment_passes_stage_lr_scale(tmp_path, monkeypatch):
-    from echomoe.train import loop
-    from echomoe.train.experiment import run_experiment
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_train(model, batches, **kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setattr(loop, "train", fake_train)
+def test_run_experiment_passes_stage_lr_scale(tmp_path, train_kwargs_of):
     cfg = load_config(STAGED, [
         "model.variant=moe_topk", "train.steps=300", "train.batch_size=2", "train.device=cpu",
         "data.n=12", "data.synthetic.image_size=32", "model.corpus_samples=12",
         "eval.num_samples=2", "logging.mode=disabled", f"output_dir={tmp_path / 'run'}"])
-    with pytest.raises(Stop):
-        run_experiment(cfg, progress=False)
+    seen = train_kwargs_of(cfg)
     stages = seen["stages"]
     assert [(s.name, s.steps, s.lr_scale) for s in stages] == \
         [("projector", 50, 1.0), ("moe_and_heads", 150, 1.0), ("all", None, 0.5)]
