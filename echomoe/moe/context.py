@@ -135,5 +135,5 @@ class MoEAdapter(nn.Module):
             out = self.moe(hidden_states, region_ids, context.token_mask_for(b, t))
         else:  # the token mask only feeds the aux losses
             out = self.moe(hidden_states, region_ids, aux_losses=False)
-        self.context.record(self.name, out)
+        context.record(self.name, out)
         return out.hidden_states
