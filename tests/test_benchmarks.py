@@ -93,10 +93,21 @@ def test_moe_layer_benchmark(bench, tmp_path):
     _check_readme_update(bench, payload, tmp_path)
 
 
+def test_moe_layer_configs_option(bench, capsys):
+    parse = bench("moe_layer").parse_configs
+    assert parse("512,256,512,8,2; 24,16,8,4,2") == [(512, 256, 512, 8, 2), (24, 16, 8, 4, 2)]
+    assert parse("[[24, 16, 8, 4, 2]]") == [(24, 16, 8, 4, 2)]
+    for bad, reason in [("512,256,512,8", "5 positive integers"), ("[[1, 2, 3, 4, 0]]", "5 pos"),
+                        ("a,b", "cannot parse"), ("[[1, 2", "cannot parse"), ("", "5 pos")]:
+        with pytest.raises(SystemExit):
+            bench("moe_layer").main(["--configs", bad])
+        assert reason in capsys.readouterr().err, bad
+
+
 def test_moe_layer_benchmark_with_a_thread_count_writes_its_own_block(bench, tmp_path):
     out = tmp_path / "moe_layer.json"
     payload = bench("moe_layer").main([
-        "--out", str(out), "--configs", "[[20, 16, 8, 4, 2]]", "--repeats", "1",
+        "--out", str(out), "--configs", "20,16,8,4,2", "--repeats", "1",
         "--min-seconds", "0", "--no-memory", "--threads", "1"])
     assert payload["environment"]["threads"] == 1
     assert payload["readme_block"] == "moe_layer_threads1"

@@ -48,8 +48,9 @@ class RoutingContext:
     ) -> Iterator[RoutingContext]:
         """Route every forward inside the block with ``region_ids (B,)``; clears old records.
 
-        ``token_mask`` (the attention mask, ``(B, L)``) keeps padding out of the aux losses; with
-        a KV cache its last ``T`` columns belong to the ``T`` tokens of the current forward.
+        ``token_mask`` (the attention mask, ``(B, L)``) keeps padding away from the experts and
+        out of the aux losses; with a KV cache its last ``T`` columns belong to the ``T`` tokens
+        of the current forward.
         ``compute_aux_losses=False`` skips the routers' aux losses (then :meth:`aux_losses` is
         empty): for inference, e.g. each step of ``generate()``.
         """
@@ -131,9 +132,7 @@ class MoEAdapter(nn.Module):
         b, t = hidden_states.shape[:2]
         context = self.context
         region_ids = context.region_ids_for(b)
-        if context.compute_aux_losses:
-            out = self.moe(hidden_states, region_ids, context.token_mask_for(b, t))
-        else:  # the token mask only feeds the aux losses
-            out = self.moe(hidden_states, region_ids, aux_losses=False)
+        out = self.moe(hidden_states, region_ids, context.token_mask_for(b, t),
+                       aux_losses=context.compute_aux_losses)
         context.record(self.name, out)
         return out.hidden_states

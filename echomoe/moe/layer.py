@@ -29,7 +29,8 @@ class RoutingInfo:
     """What the router did, detached, for statistics and logging.
 
     Attributes:
-        expert_ids: ``(N, k)`` int64; ``-1`` = dropped / not chosen.  For expert choice
+        expert_ids: ``(N, k)`` int64; ``-1`` = dropped / not chosen / padding (a token
+            the ``token_mask`` marks as padding goes to no expert).  For expert choice
             ``k = E`` and column ``e`` is ``e`` where expert ``e`` picked the token.
         weights: ``(N, k)`` combine weights.
         probs: ``(N, E)`` routing probabilities.
@@ -187,8 +188,9 @@ class MoELayer(nn.Module):
 
         Args:
             region_ids: ``(B,)`` region per sample (``-1`` = unknown) or ``None``.
-            token_mask: ``(B, T)`` bool/int, ``True``/1 for real tokens; padding is routed but
-                excluded from the auxiliary losses.
+            token_mask: ``(B, T)`` bool/int, ``True``/1 for real tokens.  Padding goes to no
+                expert (its routed output is 0; a shared expert or dense branch still runs on
+                it), takes no capacity, and is excluded from the auxiliary losses.
             aux_losses: compute the router's auxiliary losses (``False``: the output's
                 ``aux_losses`` is empty; for inference, where nothing reads them).
         """
@@ -204,11 +206,10 @@ class MoELayer(nn.Module):
                     f"token_mask must have shape (batch, tokens) = ({b}, {t}), "
                     f"got {tuple(token_mask.shape)}"
                 )
-            if aux_losses:  # only the aux losses read it
-                flat_mask = token_mask.to(device=x.device, dtype=torch.bool).reshape(b * t)
+            flat_mask = token_mask.to(device=x.device, dtype=torch.bool).reshape(b * t)
         routed = self.router(x, regions, flat_mask, aux_losses=aux_losses)
         if isinstance(routed, ExpertChoiceOutput):
-            y, info = self._expert_choice(x, routed, regions)
+            y, info = self._expert_choice(x, routed, regions, flat_mask)
         else:
             y = self.experts(x, routed.expert_ids, routed.weights)
             dropped = 0 if routed.num_dropped is None else int(routed.num_dropped)
@@ -229,7 +230,8 @@ class MoELayer(nn.Module):
         return MoEOutput(y.view(b, t, d), routed.aux_losses, info)
 
     def _expert_choice(
-        self, x: Tensor, routed: ExpertChoiceOutput, regions: Tensor | None
+        self, x: Tensor, routed: ExpertChoiceOutput, regions: Tensor | None,
+        token_mask: Tensor | None,
     ) -> tuple[Tensor, RoutingInfo]:
         num_experts, capacity = routed.token_ids.shape
         flat_ids = routed.token_ids.reshape(-1)  # (E*C,)
@@ -241,7 +243,11 @@ class MoELayer(nn.Module):
         chosen[flat_ids, expert_col] = expert_col
         weights = torch.zeros_like(routed.probs)
         weights[flat_ids, expert_col] = routed.weights.reshape(-1).detach().float()
-        dropped = int((chosen < 0).all(dim=-1).sum())
+        unpicked = (chosen < 0).all(dim=-1)
+        if token_mask is not None:  # padding picked to fill a bucket (weight 0) is not routed
+            chosen[~token_mask] = -1
+            unpicked &= token_mask
+        dropped = int(unpicked.sum())
         info = RoutingInfo(
             chosen, weights, routed.probs.detach(), regions, num_experts, dropped
         )

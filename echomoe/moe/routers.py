@@ -125,14 +125,15 @@ def _capacity_drop(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Keep at most ``capacity`` assignments per expert, in token order (slot 0 first).
 
-    Returns ``(expert_ids, weights, num_dropped)`` with dropped entries set to ``-1`` / ``0``.
+    Entries already ``-1`` (padding) take no place and are not counted.  Returns
+    ``(expert_ids, weights, num_dropped)`` with dropped entries set to ``-1`` / ``0``.
     """
     n, k = expert_ids.shape
     # Priority: all first choices (in token order) before any second choice, as in Switch/GShard.
     flat = expert_ids.t().reshape(-1)  # (k*N,) slot-major
-    one_hot = F.one_hot(flat, num_experts)
+    one_hot = F.one_hot(flat + 1, num_experts + 1)[:, 1:]  # unassigned (-1, padding): no column
     position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # rank within its expert
-    keep = (position < capacity).view(k, n).t()
+    keep = (position < capacity).view(k, n).t()  # unassigned: position -1, stays -1
     dropped = (~keep).sum()
     return expert_ids.masked_fill(~keep, -1), weights.masked_fill(~keep, 0.0), dropped
 
@@ -150,8 +151,8 @@ class TopKRouter(nn.Module):
         jitter: multiplicative uniform noise ``U(1-j, 1+j)`` on the router input in training
             (Switch Transformer); 0 disables it.
         capacity_factor: if set, each expert keeps at most ``ceil(cf * N * k / E)``
-            assignments and the rest are dropped (counted in ``num_dropped``).  ``None`` =
-            dropless (default).
+            assignments (``N``: real tokens, padding excluded) and the rest are dropped
+            (counted in ``num_dropped``).  ``None`` = dropless (default).
         num_regions: number of valid region ids (used for validation and statistics).
     """
 
@@ -209,17 +210,17 @@ class TopKRouter(nn.Module):
     ) -> RouterOutput:
         """Route ``x (N, D)``; ``region_ids (N,)`` or ``None``.
 
-        ``token_mask (N,)`` bool marks real tokens: padding (``False``) is still routed but left
-        out of the auxiliary losses, so batch padding does not bias load balancing.
-        ``aux_losses=False`` skips computing them (``aux_losses`` of the output is empty): for
-        inference, where nothing uses them.
+        ``token_mask (N,)`` bool marks real tokens.  Padding (``False``) is sent to no expert
+        (``expert_ids`` ``-1``, weight 0: no expert compute, no capacity, not counted as
+        dropped) and is left out of the auxiliary losses, so batch padding neither costs expert
+        time nor biases load balancing.  Its logits and probabilities are still returned.
+        ``aux_losses=False`` skips computing the losses (``aux_losses`` of the output is
+        empty): for inference, where nothing uses them.
         """
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        if not aux_losses:
-            token_mask = None  # only the aux losses read it
-        elif token_mask is not None and x.device.type == "cpu" and bool(token_mask.all()):
-            token_mask = None  # no padding: skip four boolean gathers (cheap check on the CPU)
+        if token_mask is not None and x.device.type == "cpu" and bool(token_mask.all()):
+            token_mask = None  # no padding: skip the masking (cheap check on the CPU)
         logits_t = self.compute_logits(x, region_ids).t().contiguous()  # (E, N), see there
         probs_t = logits_t.softmax(dim=0)
         # Select on logits, not probs: a masked (-inf) expert must never tie with an allowed
@@ -231,8 +232,12 @@ class TopKRouter(nn.Module):
         logits, probs = logits_t.t(), probs_t.t()  # (N, E) views
         expert_ids, weights = ids_t.t().contiguous(), weights_t.t().contiguous()  # (N, k)
         num_dropped = None
+        if token_mask is not None:
+            padding = ~token_mask.unsqueeze(-1)
+            expert_ids = expert_ids.masked_fill(padding, -1)
+            weights = weights.masked_fill(padding, 0.0)
         if self.capacity_factor is not None:
-            n = x.shape[0]
+            n = x.shape[0] if token_mask is None else int(token_mask.sum())
             capacity = math.ceil(self.capacity_factor * n * self.top_k / self.num_experts)
             expert_ids, weights, num_dropped = _capacity_drop(
                 expert_ids, weights, self.num_experts, capacity
@@ -399,12 +404,18 @@ class ExpertChoiceRouter(nn.Module):
     ) -> ExpertChoiceOutput:
         """Route ``x (N, D)``; region ids are accepted for statistics but not used.
 
-        ``token_mask (N,)``: tokens marked ``False`` are left out of the z-loss.
-        ``aux_losses=False`` skips the z-loss.
+        ``token_mask (N,)``: tokens marked ``False`` (padding) are picked only after every
+        real token, with weight 0, and are left out of the z-loss.  ``aux_losses=False`` skips
+        the z-loss.
         """
         logits_t = torch.mm(self.weight, x.t()).float()  # (E, N): fast softmax over E
         probs_t = logits_t.softmax(dim=0)
-        weights, token_ids = probs_t.topk(self.capacity(x.shape[0]), dim=-1)  # (E, C)
+        capacity = self.capacity(x.shape[0])
+        if token_mask is None:
+            weights, token_ids = probs_t.topk(capacity, dim=-1)  # (E, C)
+        else:  # probabilities are >= 0, so -1 ranks padding last
+            token_ids = probs_t.masked_fill(~token_mask, -1.0).topk(capacity, dim=-1).indices
+            weights = probs_t.gather(1, token_ids) * token_mask[token_ids]
         logits, probs = logits_t.t(), probs_t.t()  # (N, E) views
         aux = {}
         if aux_losses:

@@ -154,12 +154,29 @@ def table(payload: dict) -> str:
     return text
 
 
+def parse_configs(text: str) -> list[tuple[int, ...]]:
+    """``'T,D,F,E,k;T,D,F,E,k'`` or a JSON list of ``[T, D, F, E, k]`` -> list of 5-tuples."""
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else \
+            [[int(v) for v in row.split(",")] for row in text.split(";") if row.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"cannot parse {text!r}: {err}") from None
+    bad = [r for r in rows if not isinstance(r, list) or len(r) != 5
+           or not all(isinstance(v, int) and v > 0 for v in r)]
+    if not rows or bad:
+        raise argparse.ArgumentTypeError(
+            f"each config must be 5 positive integers T,D,F,E,k; got {bad[0] if bad else rows}"
+        )
+    return [tuple(r) for r in rows]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/moe_layer.json", help="JSON output path")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
-    parser.add_argument("--configs", default=None,
-                        help="JSON list of [T, D, F, E, k] (default: the three reference ones)")
+    parser.add_argument("--configs", default=None, type=parse_configs,
+                        help="configs to time, as 'T,D,F,E,k;T,D,F,E,k' or a JSON list of "
+                             "[T, D, F, E, k] (default: the three reference ones)")
     parser.add_argument("--skip-loop-above", type=int, default=16,
                         help="skip the loop backend for more experts than this (it is slow)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory probes")
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         impl, cfg = args.memory_probe
         print(json.dumps(memory_probe(impl, tuple(json.loads(cfg)))))
         return {}
-    configs = [tuple(c) for c in json.loads(args.configs)] if args.configs else CONFIGS
+    configs = args.configs or CONFIGS
     threads = args.threads or torch.get_num_threads()
     with torch_threads(threads):
         payload = run(configs, args.repeats, args.skip_loop_above, not args.no_memory,

@@ -115,24 +115,74 @@ def test_router_jitter_only_in_training():
     torch.testing.assert_close(layer.router(x[0]).logits, layer.router(x[0]).logits)
 
 
-@pytest.mark.parametrize("router", ["topk", "region_soft", "expert_choice"])
-def test_padding_is_routed_but_left_out_of_aux_losses(router):
+@pytest.mark.parametrize("router", ["topk", "region_soft", "region_hard", "expert_choice"])
+@pytest.mark.parametrize("aux_losses", [True, False])
+def test_padding_goes_to_no_expert_and_is_left_out_of_aux_losses(router, aux_losses):
     layer = build_moe_layer(16, 8, 4, 2, router=router, num_regions=3)
     x = torch.randn(2, 5, 16)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     regions = torch.tensor([2, 0])
-    masked = layer(x, regions, token_mask=mask)
-    valid = x[mask.bool()].unsqueeze(0)  # the 8 real tokens as one sequence
-    valid_regions = torch.tensor([2] * 3 + [0] * 5)
-    routed = layer.router(valid[0], valid_regions)
-    for name, value in masked.aux_losses.items():
-        torch.testing.assert_close(value, routed.aux_losses[name], msg=name)
-    # padding still gets an output (it is routed), and real tokens are unaffected by the mask
+    masked = layer(x, regions, token_mask=mask, aux_losses=aux_losses)
+    padding = ~mask.bool().reshape(-1)
+    if aux_losses:
+        valid = x[mask.bool()].unsqueeze(0)  # the 8 real tokens as one sequence
+        valid_regions = torch.tensor([2] * 3 + [0] * 5)
+        routed = layer.router(valid[0], valid_regions)
+        assert set(masked.aux_losses) == set(routed.aux_losses)
+        for name, value in masked.aux_losses.items():
+            torch.testing.assert_close(value, routed.aux_losses[name], msg=name)
+    else:
+        assert masked.aux_losses == {}
+    # padding reaches no expert: zero output, no assignment, not counted as dropped
+    assert torch.count_nonzero(masked.hidden_states.reshape(10, 16)[padding]) == 0
+    assert (masked.routing.expert_ids[padding] < 0).all()
+    assert not masked.routing.weights[padding].any()
     plain = layer(x, regions)
     if router != "expert_choice":  # expert choice mixes tokens, so only check token choice
-        torch.testing.assert_close(masked.hidden_states, plain.hidden_states)
+        assert masked.routing.num_dropped == 0
+        torch.testing.assert_close(masked.hidden_states.reshape(10, 16)[~padding],
+                                   plain.hidden_states.reshape(10, 16)[~padding])
+        assert torch.equal(masked.routing.expert_ids[~padding], plain.routing.expert_ids[~padding])
     with pytest.raises(ValueError, match="token_mask"):
         layer(x, regions, token_mask=torch.ones(2, 4))
+
+
+def test_padding_takes_no_capacity():
+    """Capacity counts real tokens only, and padding never displaces a real token."""
+    layer = build_moe_layer(8, 4, 4, 1, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 10.0  # every token with x[0] > 0 prefers expert 0
+    x = torch.randn(1, 12, 8)
+    x[..., 0] = 1.0
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, 4:] = True  # 4 padding tokens first, then 8 real ones
+    out = layer(x, token_mask=mask)
+    ids = out.routing.expert_ids[:, 0]
+    # capacity = ceil(1.0 * 8 real tokens * k=1 / 4 experts) = 2: the first two real tokens
+    assert ids.tolist() == [-1] * 4 + [0, 0] + [-1] * 6
+    assert out.routing.num_dropped == 6  # the 4 padding tokens are not drops
+    unmasked = layer(x)  # capacity 3 of 12, taken by the first three (here: padding) tokens
+    assert unmasked.routing.expert_ids[:, 0].tolist() == [0] * 3 + [-1] * 9
+    assert unmasked.routing.num_dropped == 9
+
+
+def test_expert_choice_picks_padding_last_with_zero_weight():
+    layer = build_moe_layer(8, 4, 2, 1, router="expert_choice", capacity_factor=2.0)
+    x = torch.randn(1, 6, 8)
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0]]).bool()
+    routed = layer.router(x[0], token_mask=mask[0])
+    capacity = layer.router.capacity(6)  # min(6, ceil(2 * 6 / 2)) = 6: every token fits
+    assert routed.token_ids.shape == (2, capacity)
+    for e in range(2):
+        real_first = mask[0][routed.token_ids[e]]
+        assert real_first[:3].all() and not real_first[3:].any()  # 3 real tokens, then padding
+        assert not routed.weights[e][~real_first].any()
+    out = layer(x, token_mask=mask)
+    padding = ~mask[0]
+    assert (out.routing.expert_ids[padding] < 0).all()
+    assert out.routing.num_dropped == 0  # every real token was picked; padding is not a drop
+    assert torch.count_nonzero(out.hidden_states[0, padding]) == 0
 
 
 def test_routing_context_slices_the_attention_mask_for_cached_steps():
