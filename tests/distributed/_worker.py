@@ -3,6 +3,7 @@
     python -m torch.distributed.run --nproc_per_node 2 _worker.py ddp  SETUP_DIR OUT_DIR
     python -m torch.distributed.run --nproc_per_node 2 _worker.py deepspeed SETUP_DIR OUT_DIR
     python _worker.py deepspeed1 SETUP_DIR OUT_DIR          # DeepSpeed in one process
+    python -m torch.distributed.run --nproc_per_node 4 _worker.py ep_replicas SETUP_DIR OUT_DIR
 
 One process run checks several things (DeepSpeed imports and engine set-up are slow).
 """
@@ -69,6 +70,33 @@ def ddp(setup: Path, out: Path, batches: ListBatches) -> dict:
     result["ddp_is_ddp"] = True
     save_pretrained_consolidated(model, out / "ddp_model")
     result["world_size"] = info.world_size
+    return result
+
+
+def ep_replicas(setup: Path, out: Path, batches: ListBatches) -> dict:
+    """4 ranks, experts split over 2 of them (ep_size=2: two replicas of every shard).
+
+    Ranks 2 and 3 read copies of the batches of ranks 0 and 1, so the global batch (and its mean
+    loss) is the 2-batch global batch of the reference run: expert gradients must be averaged
+    over the replicas, dense ones over all 4 ranks, and the clipping norm count each shard once.
+    """
+    from echomoe.distributed.expert_parallel import expert_parallel_layers
+
+    pairs = [batches.batches[i:i + 2] for i in range(0, len(batches.batches) - 1, 2)]
+    doubled = ListBatches([b for pair in pairs for b in pair * 2])
+    model = load(setup / "init_ep")
+    history = train(model, doubled, grad_accum=1, ep_size=2, **TRAIN_KW)
+    layers = expert_parallel_layers(model)
+    local = next(iter(layers.values()))
+    result = {
+        "world_size": world_info().world_size,
+        "ep_layers": sorted(layers),
+        "ep_size": local.groups.ep_size,
+        "expert_range": [local.expert_range.start, local.expert_range.stop],
+        "losses": losses(history),
+        "grad_norms": [r["grad_norm"] for r in history],
+    }
+    save_pretrained_consolidated(model, out / "model")
     return result
 
 
@@ -186,9 +214,11 @@ def main(argv: list[str]) -> None:
         result = deepspeed_runs(setup, out, batches, grad_accum=1)
     elif scenario == "deepspeed1":
         result = deepspeed_runs(setup, out, batches, grad_accum=2)
+    elif scenario == "ep_replicas":
+        result = ep_replicas(setup, out, batches)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
-    assert len(result.get("z2_losses", result.get("ep_losses"))) == STEPS
+    assert len(result.get("z2_losses", result.get("ep_losses", result.get("losses")))) == STEPS
     if world_info().is_main:
         (out / f"{scenario}.json").write_text(json.dumps(result, indent=1))
     torch.distributed.barrier()

@@ -56,6 +56,22 @@ def test_expert_parallel_two_processes_equal_one_process(setup_dir, ddp_run):
     assert max_state_diff(model.state_dict(), ref["state"]) < TOL
 
 
+def test_expert_parallel_smaller_than_the_world_equals_one_process(setup_dir, tmp_path):
+    """4 ranks, ep_size=2: each expert shard lives on two ranks (replicas) whose gradients
+    are averaged; with the global batch of the reference, the run must equal it."""
+    run_torchrun(["ep_replicas", str(setup_dir), str(tmp_path)], nproc=4, timeout=300)
+    result = read_result(tmp_path / "ep_replicas.json")
+    ref = reference(setup_dir)
+    assert result["world_size"] == 4 and result["ep_size"] == 2
+    assert result["expert_range"] == [0, 2]  # rank 0 holds experts 0-1 of 4 (rank 2 too)
+    assert len(result["ep_layers"]) == 2
+    assert_close_list(result["losses"], ref["losses"])
+    assert_close_list(result["grad_norms"], ref["grad_norms"], tol=1e-3)
+    model = EchoMoEForConditionalGeneration.from_pretrained(tmp_path / "model")
+    assert model.language_model.model.layers[0].mlp.moe.experts.gate_up_proj.shape[0] == 4
+    assert max_state_diff(model.state_dict(), ref["state"]) < TOL
+
+
 def test_distributed_runs_resume_from_their_checkpoints(setup_dir, ddp_run, deepspeed_run):
     want = reference(setup_dir)["losses"][3:]
     for got in (ddp_run[1]["ep_resumed_losses"], deepspeed_run[1]["z2_resumed_losses"]):
