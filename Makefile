@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo demo-seeds test bench lint clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ $(STAMP): setup.py pyproject.toml
 install: $(STAMP)
 
 demo: install
+	$(PY) experiments/sweep.py configs/sweeps/demo.yaml --out results/demo --jobs 3 --only '*-seed0'
+
+demo-seeds: install
 	$(PY) experiments/sweep.py configs/sweeps/demo.yaml --out results/demo --jobs 3
 
 test: install

@@ -221,3 +221,26 @@ def test_update_readme_demo_table_from_run_summaries(bench, tmp_path):
     assert "| *goal* | ≥ 0.85 |" in text
     with pytest.raises(ValueError, match="no finished runs"):
         update_readme.render_demo(tmp_path / "dense-seed0" / "missing")
+
+
+def test_update_readme_demo_table_over_seeds(bench, tmp_path):
+    """Several seeds per variant: one row per variant, mean ± sample std over its seeds."""
+    for variant, seed, dice, wall in (("dense", 0, 0.4, 100), ("dense", 1, 0.6, 120),
+                                      ("dense", 2, 0.5, 110), ("moe_topk", 0, 0.3, 90),
+                                      ("moe_topk", 1, 0.3, 95), ("moe_topk", 2, 0.9, 1)):
+        run = tmp_path / f"{variant}-seed{seed}"
+        run.mkdir()
+        status = "failed" if dice == 0.9 else "finished"  # a failed seed is left out
+        (run / "summary.json").write_text(json.dumps({
+            "status": status, "variant": variant, "seed": seed, "wall_time_s": wall,
+            "metrics": {"segment/dice": dice}}))
+    update_readme = bench("update_readme")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- demo:start -->\nold\n<!-- demo:end -->\n"
+                      "<!-- demo_seeds:start -->\nold\n<!-- demo_seeds:end -->\n")
+    update_readme.main(["--demo", str(tmp_path), "--readme", str(readme)])
+    demo, seeds = readme.read_text().split("<!-- demo_seeds:start -->")
+    assert "| dense-seed0 | 0.40 |" in demo and "seed1" not in demo  # `make demo`: seed 0
+    assert "| dense | 0, 1, 2 | 0.50 ± 0.10 | n/a |" in seeds and "| 110 |" in seeds
+    assert "| moe_topk | 0, 1 | 0.30 ± 0.00 |" in seeds and "| 92 |" in seeds
+    assert "mean ± sample std" in seeds and "old" not in seeds

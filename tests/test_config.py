@@ -261,7 +261,9 @@ def test_dense_vs_moe_expansion():
 
 def test_demo_sweep():
     sweep = read_sweep(CONFIGS / "sweeps" / "demo.yaml")
-    assert [n for n, _ in sweep.runs] == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
+    assert [n for n, _ in sweep.runs] == [f"{v}-seed{s}" for v in ("dense", "moe_topk",
+                                                                   "moe_region_soft")
+                                          for s in (0, 1, 2)]
     assert sweep.experiment.name == "multitask.yaml"
     assert sweep.load("moe_topk-seed0").model.variant == "moe_topk"
 

@@ -46,12 +46,17 @@ def test_expert_parallel_two_processes_equal_one_process(setup_dir, ddp_run):
     # every rank kept *its own* experts of the full checkpoint: [E/P, 2F, D] slices r*E/P...
     assert result["own_experts"] is True and result["local_shape"] == [2, 128, 64]
     assert len(result["ep_layers"]) == 2
-    assert_close_list(result["ep_losses"], ref["losses"])
-    # the clipping norm covers every expert shard once (not scaled by the EP size)
-    assert_close_list(result["ep_grad_norms"], ref["grad_norms"], tol=1e-3)
-    # expert gradients were neither averaged over the EP group nor multiplied by P: after 5
-    # AdamW steps the consolidated weights equal the one-process weights
-    model = EchoMoEForConditionalGeneration.from_pretrained(out / "ep_model")
+    assert_equals_reference(ref, result["ep_losses"], result["ep_grad_norms"], out / "ep_model")
+
+
+def assert_equals_reference(ref: dict, losses, grad_norms, model_dir) -> None:
+    """An expert-parallel run equals the one-process reference: losses, clipping norms (each
+    expert shard counted once, not scaled by the EP size) and, after 5 AdamW steps, the
+    consolidated weights (expert gradients neither averaged over the EP group nor multiplied
+    by its size)."""
+    assert_close_list(losses, ref["losses"])
+    assert_close_list(grad_norms, ref["grad_norms"], tol=1e-3)
+    model = EchoMoEForConditionalGeneration.from_pretrained(model_dir)
     assert model.language_model.model.layers[0].mlp.moe.experts.gate_up_proj.shape[0] == 4
     assert max_state_diff(model.state_dict(), ref["state"]) < TOL
 
@@ -65,11 +70,7 @@ def test_expert_parallel_smaller_than_the_world_equals_one_process(setup_dir, tm
     assert result["world_size"] == 4 and result["ep_size"] == 2
     assert result["expert_range"] == [0, 2]  # rank 0 holds experts 0-1 of 4 (rank 2 too)
     assert len(result["ep_layers"]) == 2
-    assert_close_list(result["losses"], ref["losses"])
-    assert_close_list(result["grad_norms"], ref["grad_norms"], tol=1e-3)
-    model = EchoMoEForConditionalGeneration.from_pretrained(tmp_path / "model")
-    assert model.language_model.model.layers[0].mlp.moe.experts.gate_up_proj.shape[0] == 4
-    assert max_state_diff(model.state_dict(), ref["state"]) < TOL
+    assert_equals_reference(ref, result["losses"], result["grad_norms"], tmp_path / "model")
 
 
 def test_distributed_runs_resume_from_their_checkpoints(setup_dir, ddp_run, deepspeed_run):

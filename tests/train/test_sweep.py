@@ -26,6 +26,18 @@ DEMO = ROOT / "configs" / "sweeps" / "demo.yaml"
 DENSE_VS_MOE = ROOT / "configs" / "sweeps" / "dense_vs_moe.yaml"
 
 
+@pytest.fixture
+def demo(tmp_path) -> Path:
+    """The demo sweep at one seed: 3 runs (what `make demo` selects with --only '*-seed0')."""
+    data = yaml.safe_load(DEMO.read_text())
+    data["experiment"] = str((DEMO.parent / data["experiment"]).resolve())
+    data["grid"]["train.seed"] = [0]
+    path = tmp_path / "sweep" / "demo.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def _value(overrides, key):
     return yaml.safe_load(next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")))
 
@@ -51,8 +63,9 @@ class FakeRun:
 
 
 def test_expansion_counts_dry_run(tmp_path):
-    demo = run_sweep(DEMO, out_dir=tmp_path, dry_run=True)
+    demo = run_sweep(DEMO, out_dir=tmp_path, dry_run=True, only=["*-seed0"])  # `make demo`
     assert [r["run"] for r in demo] == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
+    assert len(run_sweep(DEMO, out_dir=tmp_path, dry_run=True)) == 9  # `make demo-seeds`
     assert all(r["status"] == "pending" for r in demo)
     assert _value(demo[0]["overrides"], "output_dir") == str(tmp_path / "dense-seed0")
     big = run_sweep(DENSE_VS_MOE, out_dir=tmp_path, dry_run=True)
@@ -62,43 +75,43 @@ def test_expansion_counts_dry_run(tmp_path):
     assert sweep_group_by(DENSE_VS_MOE) == ("group", "family", "variant")
 
 
-def test_resumable_skips_finished_runs(tmp_path):
+def test_resumable_skips_finished_runs(tmp_path, demo):
     fake = FakeRun()
-    first = run_sweep(DEMO, out_dir=tmp_path, run_fn=fake)
+    first = run_sweep(demo, out_dir=tmp_path, run_fn=fake)
     assert fake.calls == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
     assert [r["status"] for r in first] == ["finished"] * 3
-    again = run_sweep(DEMO, out_dir=tmp_path, run_fn=fake)
+    again = run_sweep(demo, out_dir=tmp_path, run_fn=fake)
     assert len(fake.calls) == 3  # nothing re-run
     assert [r["metrics"] for r in again] == [r["metrics"] for r in first]
     # an unfinished run is picked up again; --only restricts the sweep
     (tmp_path / "moe_topk-seed0" / "summary.json").unlink()
-    run_sweep(DEMO, out_dir=tmp_path, run_fn=fake, only=["moe_*"])
+    run_sweep(demo, out_dir=tmp_path, run_fn=fake, only=["moe_*"])
     assert fake.calls[3:] == ["moe_topk-seed0"]
-    assert all(r["status"] == "finished" for r in run_sweep(DEMO, out_dir=tmp_path, dry_run=True))
+    assert all(r["status"] == "finished" for r in run_sweep(demo, out_dir=tmp_path, dry_run=True))
     with pytest.raises(ValueError, match="matches no run"):
-        run_sweep(DEMO, out_dir=tmp_path, run_fn=fake, only=["nope"])
+        run_sweep(demo, out_dir=tmp_path, run_fn=fake, only=["nope"])
 
 
-def test_failed_run_is_recorded_and_sweep_continues(tmp_path):
+def test_failed_run_is_recorded_and_sweep_continues(tmp_path, demo):
     fake = FakeRun(fail={"moe_topk-seed0"})
-    runs = run_sweep(DEMO, out_dir=tmp_path, run_fn=fake)
+    runs = run_sweep(demo, out_dir=tmp_path, run_fn=fake)
     assert fake.calls == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
     assert [r["status"] for r in runs] == ["finished", "failed", "finished"]
     saved = json.loads((tmp_path / "moe_topk-seed0" / "summary.json").read_text())
     assert saved["status"] == "failed" and "RuntimeError: boom" in saved["error"]
     assert saved["variant"] == "moe_topk" and saved["seed"] == 0 and saved["group"] == "demo"
     # a run_fn that returns without a summary is a failure too
-    runs = run_sweep(DEMO, out_dir=tmp_path / "x", run_fn=lambda name, ov: None, only=["dense*"])
+    runs = run_sweep(demo, out_dir=tmp_path / "x", run_fn=lambda name, ov: None, only=["dense*"])
     assert runs[0]["status"] == "failed" and "summary.json" in runs[0]["error"]
     # the failed run is retried next time
     fixed = FakeRun()
-    run_sweep(DEMO, out_dir=tmp_path, run_fn=fixed)
+    run_sweep(demo, out_dir=tmp_path, run_fn=fixed)
     assert fixed.calls == ["moe_topk-seed0"]
 
 
-def test_parallel_jobs_run_in_worker_processes_and_record_failures(tmp_path):
+def test_parallel_jobs_run_in_worker_processes_and_record_failures(tmp_path, demo):
     fake = FakeRun(fail={"moe_topk-seed0"})
-    runs = run_sweep(DEMO, out_dir=tmp_path, run_fn=fake, jobs=2)
+    runs = run_sweep(demo, out_dir=tmp_path, run_fn=fake, jobs=2)
     assert fake.calls == []  # the calls happened in the workers, on copies of fake
     assert [r["run"] for r in runs] == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
     assert [r["status"] for r in runs] == ["finished", "failed", "finished"]
@@ -107,11 +120,11 @@ def test_parallel_jobs_run_in_worker_processes_and_record_failures(tmp_path):
     assert json.loads((tmp_path / "dense-seed0" / "summary.json").read_text())["seed"] == 0
     # resumable as before: only the failed run is left, and one pending run runs in-process
     again = FakeRun()
-    assert [r["status"] for r in run_sweep(DEMO, out_dir=tmp_path, run_fn=again, jobs=2)] == \
+    assert [r["status"] for r in run_sweep(demo, out_dir=tmp_path, run_fn=again, jobs=2)] == \
         ["finished"] * 3
     assert again.calls == ["moe_topk-seed0"]
     with pytest.raises(ValueError, match="jobs must be >= 1"):
-        run_sweep(DEMO, out_dir=tmp_path, run_fn=again, jobs=0)
+        run_sweep(demo, out_dir=tmp_path, run_fn=again, jobs=0)
 
 
 def _summary(variant, seed, dice, bleu, group="g"):
@@ -167,8 +180,8 @@ def test_tables_group_by_axis_and_collect(tmp_path):
     assert (tmp_path / "plots" / "eval_dice.png").is_file()
 
 
-def test_wandb_sweep_yaml(tmp_path):
-    cfg = wandb_sweep_yaml(DEMO)
+def test_wandb_sweep_yaml(tmp_path, demo):
+    cfg = wandb_sweep_yaml(demo)
     assert cfg["method"] == "grid" and cfg["program"] == "experiments/train.py"
     assert cfg["parameters"] == {"model.variant": {"values": ["dense", "moe_topk",
                                                               "moe_region_soft"]},
@@ -181,7 +194,7 @@ def test_wandb_sweep_yaml(tmp_path):
     assert "eval.max_new_tokens=16" in big["vqa"]["command"]
     with pytest.raises(ValueError, match="named axes"):
         wandb_sweep_yaml(DENSE_VS_MOE)
-    paths = write_wandb_sweep(DEMO, tmp_path / "wandb.yaml")
+    paths = write_wandb_sweep(demo, tmp_path / "wandb.yaml")
     assert yaml.safe_load(paths[0].read_text()) == cfg
     assert len(write_wandb_sweep(DENSE_VS_MOE, tmp_path / "w.yaml")) == 4
 
@@ -193,15 +206,15 @@ def _cli():
     return module.main
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tmp_path, demo, capsys):
     main = _cli()
-    assert main([str(DEMO), "--out", str(tmp_path), "--dry-run"]) == 0
+    assert main([str(demo), "--out", str(tmp_path), "--dry-run"]) == 0
     assert "3 runs, 0 finished, 3 to run" in capsys.readouterr().out
     fake = FakeRun(fail={"moe_region_soft-seed0"})
-    assert main([str(DEMO), "--out", str(tmp_path)], run_fn=fake) == 1
+    assert main([str(demo), "--out", str(tmp_path)], run_fn=fake) == 1
     assert (tmp_path / "results.md").is_file() and (tmp_path / "results.csv").is_file()
-    assert main([str(DEMO), "--out", str(tmp_path), "--tables-only"]) == 0
+    assert main([str(demo), "--out", str(tmp_path), "--tables-only"]) == 0
     assert "| eval/dice | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |" in capsys.readouterr().out
-    assert main([str(DEMO), "--emit-wandb", str(tmp_path / "w.yaml")]) == 0
+    assert main([str(demo), "--emit-wandb", str(tmp_path / "w.yaml")]) == 0
     assert yaml.safe_load((tmp_path / "w.yaml").read_text())["method"] == "grid"
-    assert main([str(DEMO), "--only", "nope"]) == 1
+    assert main([str(demo), "--only", "nope"]) == 1
