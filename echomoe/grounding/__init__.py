@@ -32,6 +32,7 @@ from echomoe.grounding.losses import (
     box_loss,
     dice_loss,
     generalized_box_iou,
+    keypoint_heatmap_loss,
     keypoint_loss,
     mask_loss,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "dice_loss",
     "generalized_box_iou",
     "head_mlp",
+    "keypoint_heatmap_loss",
     "keypoint_loss",
     "keypoints_to_pixels",
     "mask_loss",

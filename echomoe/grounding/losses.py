@@ -3,6 +3,7 @@
 * :func:`mask_loss` -> ``{"seg_bce", "seg_dice"}`` (LISA: ``2.0 * BCE + 0.5 * Dice``)
 * :func:`box_loss` -> ``{"box_l1", "box_giou"}``
 * :func:`keypoint_loss` -> ``{"keypoint"}``
+* :func:`keypoint_heatmap_loss` -> ``{"keypoint_heatmap"}`` (heatmap keypoint heads; optional)
 
 The weights are applied inside (so ``sum(losses.values())`` is the grounding total); with the
 weights at 1 the values are the plain criteria.  Samples whose ``has_*`` flag is False are
@@ -21,6 +22,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from echomoe.grounding.heads import boxes_to_xyxy
+from echomoe.grounding.spatial_heads import cell_centres
 
 
 def _valid(name: str, has: Tensor | None, batch: int, device) -> Tensor:
@@ -159,3 +161,45 @@ def keypoint_loss(
     if p.shape[0] == 0:
         return {"keypoint": p.sum() * 0.0}
     return {"keypoint": weight * (p - t).abs().mean()}
+
+
+def keypoint_heatmap_loss(
+    scores: Tensor, target: Tensor, has_keypoints: Tensor | None, *, sigma: float = 1.0,
+    weight: float = 1.0,
+) -> dict[str, Tensor]:
+    """Heatmap supervision for soft-argmax keypoint heads: ``KL(target || softmax(scores))``.
+
+    The target map of each keypoint is a Gaussian of ``sigma`` cells around it, normalised over
+    the map (CenterNet-style).  The soft-argmax L1 of :func:`keypoint_loss` only sees the
+    *mean* of the predicted map, so a broad or two-peaked map with the right mean costs
+    nothing; this loss makes the mass sit at the point.  0 when the predicted map equals the
+    target map.
+
+    Args:
+        scores: ``(B, K, h, w)`` heatmap logits (the head's ``return_scores=True`` output).
+        target: ``(B, K, 2)`` normalised ``(x, y)``; cell ``j`` of a ``w``-wide map is centred
+            at ``(j + 0.5) / w``.
+        has_keypoints: ``(B,)`` bool (``None``: all valid).
+        sigma: target width in cells, > 0.
+        weight: multiplier.
+
+    Returns:
+        ``{"keypoint_heatmap": weight * mean KL}`` over valid samples and keypoints.
+    """
+    if scores.dim() != 4 or target.dim() != 3 or scores.shape[:2] != target.shape[:2] \
+            or target.shape[-1] != 2:
+        raise ValueError(f"keypoint_heatmap_loss expects (B, K, h, w) scores and (B, K, 2) "
+                         f"points, got {tuple(scores.shape)} and {tuple(target.shape)}")
+    if sigma <= 0:
+        raise ValueError(f"keypoint_heatmap_loss needs sigma > 0, got {sigma}")
+    keep = _valid("has_keypoints", has_keypoints, scores.shape[0], scores.device)
+    s, t = scores[keep].float(), target[keep].float()
+    if s.shape[0] == 0:
+        return {"keypoint_heatmap": s.sum() * 0.0}
+    h, w = s.shape[-2:]
+    centres = cell_centres(h, w, device=s.device, dtype=s.dtype)  # (h*w, 2)
+    offset = (centres - t.unsqueeze(-2)) * torch.tensor([w, h], device=s.device, dtype=s.dtype)
+    goal = (-offset.pow(2).sum(-1) / (2 * sigma**2)).softmax(dim=-1)  # (N, K, h*w)
+    log_pred = s.flatten(2).log_softmax(dim=-1)
+    kl = (goal * (goal.clamp_min(1e-30).log() - log_pred)).sum(-1)
+    return {"keypoint_heatmap": weight * kl.mean()}

@@ -94,11 +94,15 @@ class HeatmapKeypointHead(nn.Module):
         self.hidden_size, self.num_keypoints = hidden_size, num_keypoints
         self.heatmaps = _QueryHeatmaps(hidden_size, in_channels, num_keypoints, mlp_layers)
 
-    def forward(self, kpt_hidden: Tensor, pixel_features: Tensor) -> Tensor:
-        """``(B, H_lm)``, ``(B, D, h, w)`` -> ``(B, K, 2)`` normalised ``(x, y)``."""
+    def forward(self, kpt_hidden: Tensor, pixel_features: Tensor, *,
+                return_scores: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``(B, H_lm)``, ``(B, D, h, w)`` -> ``(B, K, 2)`` normalised ``(x, y)``; with
+        ``return_scores`` also the ``(B, K, h, w)`` heatmap logits (for
+        :func:`~echomoe.grounding.keypoint_heatmap_loss`)."""
         self.heatmaps.check("HeatmapKeypointHead", kpt_hidden, pixel_features)
-        points, _ = soft_argmax(self.heatmaps(kpt_hidden, pixel_features))
-        return points
+        scores = self.heatmaps(kpt_hidden, pixel_features)
+        points, _ = soft_argmax(scores)
+        return (points, scores) if return_scores else points
 
 
 class HeatmapBoxHead(nn.Module):

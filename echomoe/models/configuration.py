@@ -47,6 +47,7 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "box_l1": 1.0,
     "box_giou": 1.0,
     "keypoint": 1.0,
+    "keypoint_heatmap": 0.0,  # > 0: also supervise heatmap keypoint heads' maps (off by default)
     "moe_balance": 0.01,
     "moe_z": 0.001,
     "moe_region": 0.01,

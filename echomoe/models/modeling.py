@@ -40,6 +40,7 @@ from echomoe.grounding import (
     KeypointHead,
     PixelDecoder,
     box_loss,
+    keypoint_heatmap_loss,
     keypoint_loss,
     mask_loss,
 )
@@ -165,6 +166,9 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
             if g["keypoint_head"] == "mlp" else
             HeatmapKeypointHead(hidden_size=lm_dim, in_channels=pixel_dim,
                                 num_keypoints=g["num_keypoints"]))
+        if g["keypoint_head"] == "mlp" and config.loss_weights["keypoint_heatmap"] > 0:
+            raise ValueError("loss_weights.keypoint_heatmap > 0 needs grounding_config "
+                             "keypoint_head='heatmap' (an 'mlp' keypoint head has no heatmap)")
         self.post_init()
 
     # -- HF plumbing ----------------------------------------------------------------------
@@ -374,20 +378,28 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
                 losses.update(box_loss(preds["boxes"], boxes.to(hidden.dtype), flags))
         has_kpt, kpt_h = self._task_hidden(hidden, input_ids, cfg.kpt_token_id)
         if has_kpt.any() or keypoints is not None:
-            preds["keypoints"] = self._spatial_head(self.keypoint_head, kpt_h, images)
+            maps = keypoints is not None and cfg.loss_weights["keypoint_heatmap"] > 0
+            if maps:
+                preds["keypoints"], scores = self._spatial_head(self.keypoint_head, kpt_h, images,
+                                                                return_scores=True)
+            else:
+                preds["keypoints"] = self._spatial_head(self.keypoint_head, kpt_h, images)
             if keypoints is not None:
                 flags = _flags(has_keypoints, keypoints.shape[0], keypoints.device) & has_kpt
-                losses.update(keypoint_loss(preds["keypoints"], keypoints.to(hidden.dtype),
-                                            flags))
+                target = keypoints.to(hidden.dtype)
+                losses.update(keypoint_loss(preds["keypoints"], target, flags))
+                if maps:
+                    losses.update(keypoint_heatmap_loss(scores, target, flags))
         return preds
 
     @staticmethod
-    def _spatial_head(head: nn.Module, hidden: Tensor, images: dict | None) -> Tensor:
-        """Run a box / keypoint head; heatmap heads also read the pixel features."""
+    def _spatial_head(head: nn.Module, hidden: Tensor, images: dict | None, **kwargs):
+        """Run a box / keypoint head; heatmap heads also read the pixel features (``kwargs``
+        go to heatmap heads only)."""
         if isinstance(head, HeatmapBoxHead | HeatmapKeypointHead):
             if images is None:
                 raise ValueError(f"{type(head).__name__} needs pixel_values")
-            return head(hidden, images["pixel_features"])
+            return head(hidden, images["pixel_features"], **kwargs)
         return head(hidden)
 
     # -- from generated task tokens to pixels -----------------------------------------------

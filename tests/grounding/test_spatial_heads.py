@@ -109,3 +109,45 @@ def test_pixel_decoder_image_stem_shapes_and_errors():
         dec(feats, torch.randn(2, 1, 16, 20))
     plain = PixelDecoder(in_channels=[12], dim=10, input_stride=8, output_stride=4)
     torch.testing.assert_close(plain(feats, image), plain(feats))  # ignored without a stem
+
+
+def test_keypoint_heatmap_loss_matches_kl_div_and_is_zero_at_the_target_map():
+    from echomoe.grounding import keypoint_heatmap_loss
+
+    torch.manual_seed(0)
+    h, w, sigma = 5, 7, 1.3
+    target = torch.tensor([[[0.2, 0.9], [0.55, 0.1]], [[0.5, 0.5], [float("nan"), 0.0]]])
+    valid = torch.tensor([True, False])  # the NaN label belongs to an invalid sample
+    # reference: torch's KL divergence against a Gaussian over cell-unit distances
+    centres = cell_centres(h, w)
+    dx = (centres[:, 0] - target[0, :, :1]) * w
+    dy = (centres[:, 1] - target[0, :, 1:]) * h
+    goal = torch.softmax(-(dx**2 + dy**2) / (2 * sigma**2), dim=-1)  # (K, h*w)
+    scores = torch.randn(2, 2, h, w, requires_grad=True)
+    got = keypoint_heatmap_loss(scores, target, valid, sigma=sigma, weight=2.0)["keypoint_heatmap"]
+    log_pred = scores[0].flatten(1).log_softmax(-1)
+    want = torch.nn.functional.kl_div(log_pred, goal, reduction="none").sum(-1).mean()
+    torch.testing.assert_close(got, 2.0 * want)
+    got.backward()
+    assert torch.isfinite(scores.grad).all() and not scores.grad[1].any()
+    # the target map itself (as logits) costs nothing; the same mass one cell off costs more
+    exact = goal.log().view(1, 2, h, w)
+    zero = keypoint_heatmap_loss(exact, target[:1], None, sigma=sigma)["keypoint_heatmap"]
+    assert abs(float(zero)) < 1e-5
+    shifted = keypoint_heatmap_loss(exact.roll(1, dims=-1), target[:1], None, sigma=sigma)
+    assert float(shifted["keypoint_heatmap"]) > 0.1
+    none = keypoint_heatmap_loss(scores, target, torch.tensor([False, False]))
+    assert float(none["keypoint_heatmap"]) == 0.0
+    with pytest.raises(ValueError, match=r"\(B, K, h, w\) scores"):
+        keypoint_heatmap_loss(torch.randn(2, 3, h, w), target, None)
+    with pytest.raises(ValueError, match="sigma"):
+        keypoint_heatmap_loss(scores, target, None, sigma=0.0)
+
+
+def test_keypoint_head_returns_the_scores_its_points_come_from():
+    head = HeatmapKeypointHead(hidden_size=LM, in_channels=D, num_keypoints=3)
+    hidden, feats = torch.randn(2, LM), torch.randn(2, D, 4, 6)
+    points, scores = head(hidden, feats, return_scores=True)
+    assert scores.shape == (2, 3, 4, 6)
+    torch.testing.assert_close(points, soft_argmax(scores)[0])
+    torch.testing.assert_close(points, head(hidden, feats))

@@ -86,6 +86,20 @@ def test_heatmap_heads_and_image_stem_train_and_ground():
         make_model("dense", grounding_config={"box_head": "conv"})
 
 
+def test_keypoint_heatmap_loss_is_off_by_default_and_weighted_when_on():
+    model = make_model("topk")
+    inputs = batch(model)
+    assert "keypoint_heatmap" not in model(**inputs).losses  # weight 0: not even computed
+    on = make_model("topk", loss_weights={"keypoint_heatmap": 0.5})
+    out = on(**inputs)
+    assert float(out.losses["keypoint_heatmap"]) > 0
+    total = sum(on.config.loss_weights[k] * v for k, v in out.losses.items())
+    torch.testing.assert_close(out.loss, total)
+    with pytest.raises(ValueError, match="keypoint_head='heatmap'"):
+        make_model("topk", loss_weights={"keypoint_heatmap": 1.0},
+                   grounding_config={"keypoint_head": "mlp"})
+
+
 def test_several_images_per_sample():
     model = make_model("topk")
     inputs = batch(model, images=3)
