@@ -200,6 +200,5 @@ def keypoint_heatmap_loss(
     centres = cell_centres(h, w, device=s.device, dtype=s.dtype)  # (h*w, 2)
     offset = (centres - t.unsqueeze(-2)) * torch.tensor([w, h], device=s.device, dtype=s.dtype)
     goal = (-offset.pow(2).sum(-1) / (2 * sigma**2)).softmax(dim=-1)  # (N, K, h*w)
-    log_pred = s.flatten(2).log_softmax(dim=-1)
-    kl = (goal * (goal.clamp_min(1e-30).log() - log_pred)).sum(-1)
+    kl = F.kl_div(s.flatten(2).log_softmax(dim=-1), goal, reduction="none").sum(-1)
     return {"keypoint_heatmap": weight * kl.mean()}
