@@ -144,8 +144,10 @@ def test_base_errors(tmp_path):
 def test_dotlist_overrides():
     cfg = load_config(BASE, ["train.lr=0.02", "model.variant=moe_topk",
                              "model.overrides.moe_config.num_experts=8", "eval.tasks=[vqa]",
-                             "tasks={report: 2.0}", "name=x", "data.synthetic.noise=0.5"])
+                             "tasks={report: 2.0}", "name=x", "data.synthetic.noise=0.5",
+                             "train.group_by_length=true"])
     assert cfg.train.lr == 0.02 and cfg.model.variant == "moe_topk"
+    assert cfg.train.group_by_length is True
     assert cfg.model.build_config().moe_config["num_experts"] == 8
     assert cfg.eval.tasks == ["vqa"] and cfg.tasks.report == 2.0 and cfg.tasks.vqa == 1.0
     assert cfg.output_dir == "runs/x" and cfg.data.synthetic_config().noise == 0.5
@@ -208,6 +210,7 @@ def test_unknown_or_malformed_override(override, pattern):
     (["train.steps=ten"], r"train\.steps must be int, got 'ten'"),
     (["train.steps=1.5"], r"train\.steps must be int"),
     (["train.resume=3"], r"train\.resume must be bool"),
+    (["train.group_by_length=often"], r"train\.group_by_length must be bool"),
     (["train.schedule=step"], r"train\.schedule is 'step'; valid: cosine"),
     (["logging.mode=cloud"], r"logging\.mode is 'cloud'; valid: online, offline, disabled"),
     (["train.warmup_steps=500"], r"train\.warmup_steps \(500\) exceeds train\.steps"),
@@ -266,6 +269,19 @@ def test_demo_sweep():
                                           for s in (0, 1, 2)]
     assert sweep.experiment.name == "multitask.yaml"
     assert sweep.load("moe_topk-seed0").model.variant == "moe_topk"
+
+
+def test_demo_grouped_sweep_is_the_demo_with_length_grouping():
+    demo = read_sweep(CONFIGS / "sweeps" / "demo.yaml")
+    grouped = read_sweep(CONFIGS / "sweeps" / "demo_grouped.yaml")
+    assert [n for n, _ in grouped.runs] == [n for n, _ in demo.runs if n.endswith("-seed0")]
+    for run, _ in grouped.runs:
+        a, b = config_to_dict(demo.load(run)), config_to_dict(grouped.load(run))
+        assert (a["train"].pop("group_by_length"), b["train"].pop("group_by_length")) == (
+            False, True)
+        for cfg in (a, b):
+            cfg.pop("output_dir"), cfg["logging"].pop("group")
+        assert a == b, run
 
 
 def test_sweep_validation(tmp_path):

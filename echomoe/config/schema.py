@@ -149,7 +149,9 @@ class TrainSection:
     ``schedule``: ``cosine`` / ``linear`` decay to ``min_lr_ratio * lr`` after
     ``warmup_steps`` of linear warmup, or ``constant``.  ``clip``: max gradient norm (``None``:
     off).  ``eval_every`` / ``checkpoint_every``: in steps (0: only at the end); the best
-    checkpoint is chosen by ``best_metric`` (``best_mode`` ``min`` / ``max``).  ``precision``
+    checkpoint is chosen by ``best_metric`` (``best_mode`` ``min`` / ``max``).
+    ``group_by_length``: batch training samples of similar sequence length together (far
+    less padding; see :class:`~echomoe.train.MultiTaskBatches`).  ``precision``
     ``auto`` = fp32 on CPU, bf16 on GPU.  ``stages`` empty = train everything for ``steps``;
     otherwise their ``steps`` must sum to ``steps`` and each stage's ``lr_scale`` multiplies
     the scheduled learning rate while it is in force.  ``resume``: continue from the latest
@@ -163,6 +165,7 @@ class TrainSection:
     schedule: str = "cosine"
     batch_size: int = 8
     grad_accum: int = 1
+    group_by_length: bool = False
     clip: float | None = 1.0
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

@@ -200,6 +200,12 @@ class VLMCollator:
             target_ids = target_ids[:room]
         return expanded + target_ids, [IGNORE_INDEX] * len(expanded) + target_ids
 
+    def sequence_length(self, item: Mapping[str, Any]) -> int:
+        """Tokens of one item's sequence (its row in a batch before padding)."""
+        sample: UltrasoundSample = item["sample"]
+        ids, _ = self.tokenize(item["prompt"], item["target"], len(sample.images), sample.id)
+        return len(ids)
+
     # ------------------------------------------------------------------------- labels
     def _keypoints(self, sample: UltrasoundSample) -> list[tuple[float, float]] | None:
         if self.keypoint_names is not None:

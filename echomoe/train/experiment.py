@@ -198,7 +198,8 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     collator = make_collator(model, processor, cfg.data.max_length)
     rates = cfg.tasks.rates()
     batches = MultiTaskBatches(splits[cfg.data.train_split], collator=collator, rates=rates,
-                               batch_size=t.batch_size, seed=t.seed)
+                               batch_size=t.batch_size, seed=t.seed,
+                               group_by_length=t.group_by_length)
     eval_samples = splits[cfg.data.eval_split][:e.num_samples]
     eval_batches = MultiTaskBatches(eval_samples, collator=collator, rates=rates,
                                     batch_size=min(t.batch_size, len(eval_samples)), seed=t.seed,

@@ -127,7 +127,7 @@ def test_train_script_main_tiny_config(tmp_path, monkeypatch):
         "train.warmup_steps=1", "train.eval_every=2", "train.batch_size=4", "data.n=16",
         "data.synthetic.image_size=32", "eval.num_samples=4", "eval.max_new_tokens=4",
         "model.variant=moe_topk", "model.corpus_samples=16", "logging.mode=disabled",
-        "logging.log_every=1", f"output_dir={out}"])
+        "logging.log_every=1", "train.group_by_length=true", f"output_dir={out}"])
     assert status == 0 and time.perf_counter() - started < 60
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished"
