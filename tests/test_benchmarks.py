@@ -220,7 +220,7 @@ def test_update_readme_demo_table_from_run_summaries(bench, tmp_path):
     assert "| moe_topk-seed0 | 0.25 |" in text and "| 123 |" in text
     assert "| *goal* | ≥ 0.85 |" in text
     with pytest.raises(ValueError, match="no finished runs"):
-        update_readme.render_demo(tmp_path / "dense-seed0" / "missing")
+        update_readme.finished_runs(tmp_path / "dense-seed0" / "missing")
 
 
 def test_update_readme_demo_table_over_seeds(bench, tmp_path):

@@ -132,6 +132,14 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def publish(payload: dict, text: str, path: str | Path) -> Path:
+    """A benchmark's ending: print its table ``text``, write ``payload`` as JSON to ``path``."""
+    print(text)
+    path = write_json(path, payload)
+    print(f"\nwrote {path}")
+    return path
+
+
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     """A GitHub-flavoured Markdown table."""
     def fmt(v: object) -> str:

@@ -20,7 +20,7 @@ from echomoe.data.synthetic import anatomy, phantom
 from echomoe.data.synthetic.generate import SyntheticConfig, generate, make_sample
 from echomoe.data.synthetic.reports import write_report
 from echomoe.data.synthetic.vqa import make_qa
-from echomoe.utils.benchmark import environment, markdown_table, time_interleaved, write_json
+from echomoe.utils.benchmark import environment, markdown_table, publish, time_interleaved
 
 TARGET = 300.0  # samples / s / core at 128 x 128 with all labels
 
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     args = parser.parse_args(argv)
     payload = run(args.n, args.seed, args.image_size, args.repeats)
-    print(table(payload))
-    write_json(args.out, payload)
-    print(f"wrote {args.out}")
+    publish(payload, table(payload), args.out)
     return payload
 
 

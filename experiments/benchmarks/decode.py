@@ -26,11 +26,11 @@ from echomoe.utils.benchmark import (
     environment,
     markdown_table,
     paired_ratio,
+    publish,
     qwen2_reference_pair,
     synthetic_token_ids,
     time_interleaved,
     torch_threads,
-    write_json,
 )
 
 TARGETS = {"ratio_vs_dense": 0.8, "kv_cache_speedup": 3.0}  # minimums, for echomoe
@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         payload = run(args.preset, variants, args.batch_size, args.prompt_len, args.new_tokens,
                       args.kv_new_tokens, args.repeats, args.kv_repeats, args.min_seconds,
                       args.hf_hidden, args.hf_layers)
-    print(table(payload))
-    write_json(args.out, payload)
-    print(f"\nwrote {args.out}")
+    publish(payload, table(payload), args.out)
     return payload
 
 

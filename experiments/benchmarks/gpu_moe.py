@@ -23,7 +23,13 @@ import sys
 import torch
 
 from echomoe.moe import build_moe_layer
-from echomoe.utils.benchmark import environment, markdown_table, time_interleaved, write_json
+from echomoe.utils.benchmark import (
+    environment,
+    markdown_table,
+    publish,
+    time_interleaved,
+    write_json,
+)
 
 CONFIGS = [(8192, 1024, 2048, 8, 2), (8192, 1024, 512, 64, 8), (2048, 512, 1024, 8, 2)]
 PARITY_TOL = 3e-2  # bf16
@@ -121,12 +127,10 @@ def main(argv=None) -> int:
         return 0
     configs = CONFIGS[-1:] if args.quick else CONFIGS
     result = run(configs, args.repeats)
-    print(table(result))
     for r in result["rows"]:
         if r["megablocks_error"]:
             print(f"megablocks unavailable: {r['megablocks_error']}")
-    write_json(args.out, result)
-    print(f"wrote {args.out}")
+    publish(result, table(result), args.out)
     return 0
 
 

@@ -33,10 +33,10 @@ from echomoe.utils.benchmark import (
     measure_in_subprocess,
     paired_ratio,
     peak_rss_mb,
+    publish,
     reset_peak_rss,
     time_interleaved,
     torch_threads,
-    write_json,
 )
 
 CONFIGS = [(4096, 512, 1024, 8, 2), (4096, 512, 128, 64, 8), (512, 256, 512, 8, 2)]
@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                       args.min_seconds)
     if args.threads is not None:
         payload["readme_block"] = f"moe_layer_threads{args.threads}"
-    print(table(payload))
-    write_json(args.out, payload)
-    print(f"\nwrote {args.out}")
+    publish(payload, table(payload), args.out)
     return payload
 
 

@@ -25,12 +25,12 @@ from echomoe.utils.benchmark import (
     environment,
     markdown_table,
     paired_ratio,
+    publish,
     qwen2_reference_pair,
     synthetic_token_ids,
     time_interleaved,
     torch_threads,
     vlm_training_batch,
-    write_json,
 )
 
 TARGET = 1.10  # echomoe MoE step time / dense step time
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch_threads(args.threads):
         payload = run(args.presets, variants, args.batch_size, args.seq_len, args.repeats,
                       args.min_seconds, args.hf_hidden, args.hf_layers)
-    print(table(payload))
-    write_json(args.out, payload)
-    print(f"\nwrote {args.out}")
+    publish(payload, table(payload), args.out)
     return payload
 
 

@@ -50,7 +50,8 @@ DEMO_METRICS = (  # (summary metric, column, goal on held-out synthetic data)
 )
 
 
-def _finished_runs(run_dir: Path) -> list[dict]:
+def finished_runs(run_dir: Path) -> list[dict]:
+    """The finished runs' summaries under ``run_dir`` (raises when there is none)."""
     from echomoe.train.sweep import collect_results
 
     runs = [r for r in collect_results(run_dir) if r.get("status") == "finished"]
@@ -59,9 +60,9 @@ def _finished_runs(run_dir: Path) -> list[dict]:
     return runs
 
 
-def has_several_seeds(run_dir: Path) -> bool:
-    """Whether some variant under ``run_dir`` has more than one finished seed."""
-    variants = [r.get("variant") for r in _finished_runs(run_dir)]
+def has_several_seeds(runs: list[dict]) -> bool:
+    """Whether some variant among the finished ``runs`` has more than one seed."""
+    variants = [r.get("variant") for r in runs]
     return None not in variants and len(set(variants)) < len(variants)
 
 
@@ -77,11 +78,11 @@ def _demo_table(labels: list[str], body: list[list[str]], note: str) -> str:
         "`experiments/benchmarks/update_readme.py --demo` from the runs' summary.json.</sub>")
 
 
-def render_demo(run_dir: Path) -> str:
-    """The headline metrics of the finished seed-0 runs under ``run_dir`` (the runs of
-    ``make demo``; runs without a recorded seed count too), one row per run."""
+def render_demo(runs: list[dict]) -> str:
+    """The headline metrics of the finished seed-0 ``runs`` (those of ``make demo``; runs
+    without a recorded seed count too), one row per run."""
     body = []
-    for r in _finished_runs(run_dir):
+    for r in runs:
         if r.get("seed", 0) == 0:
             values = [r["metrics"].get(key) for key, _, _ in DEMO_METRICS]
             cells = ["n/a" if v is None else f"{v:.2f}" for v in values]
@@ -89,12 +90,11 @@ def render_demo(run_dir: Path) -> str:
     return _demo_table(["run"], body, "one seed")
 
 
-def render_demo_seeds(run_dir: Path) -> str:
-    """Mean ± sample std over the finished seeds of each variant under ``run_dir`` (the runs of
+def render_demo_seeds(runs: list[dict]) -> str:
+    """Mean ± sample std over the seeds of each variant among the finished ``runs`` (those of
     ``make demo-seeds``), one row per variant in first-appearance order."""
     from echomoe.train.sweep import results_table
 
-    runs = _finished_runs(run_dir)
     keys = [key for key, _, _ in DEMO_METRICS]
     cells = {(r["variant"], r["metric"]): r for r in results_table(runs, keys, ("variant",))}
     body = []
@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readme", default=str(Path(__file__).parents[2] / "README.md"))
     args = parser.parse_args(argv)
     if args.demo:
-        run_dir = Path(args.demo)
-        replace_block(Path(args.readme), "demo", lambda: render_demo(run_dir))
-        if has_several_seeds(run_dir):
-            replace_block(Path(args.readme), "demo_seeds", lambda: render_demo_seeds(run_dir))
+        runs = finished_runs(Path(args.demo))
+        replace_block(Path(args.readme), "demo", lambda: render_demo(runs))
+        if has_several_seeds(runs):
+            replace_block(Path(args.readme), "demo_seeds", lambda: render_demo_seeds(runs))
         print(f"updated {args.readme} from {args.demo}")
     for path in args.json:
         update(Path(args.readme), json.loads(Path(path).read_text()))
