@@ -44,6 +44,7 @@ def build_moe_layer(
     capacity_factor: float | None = None,
     slots_per_expert: int = 1,
     causal: bool = False,
+    bias_update_rate: float = 0.0,
 ) -> nn.Module:
     """Build an MoE feed-forward layer.
 
@@ -65,6 +66,8 @@ def build_moe_layer(
         capacity_factor: token-choice capacity (``None`` = dropless) or expert-choice capacity.
         slots_per_expert: soft MoE slots per expert.
         causal: the layer will sit in a causal model; non-causal routers then refuse.
+        bias_update_rate: auxiliary-loss-free load balancing by a selection bias (``topk`` and
+            ``region_soft``; see :class:`~echomoe.moe.routers.TopKRouter`); 0 = off.
 
     Returns an :class:`~echomoe.moe.layer.MoELayer` (or :class:`~echomoe.moe.soft_moe.SoftMoE`
     for ``router="soft"``) exposing ``router.weight [E, D]`` and ``experts.gate_up_proj
@@ -76,6 +79,9 @@ def build_moe_layer(
             f"router {router!r} is not causal and cannot be used in a causal model; "
             f"causal routers: {', '.join(CAUSAL_ROUTERS)}"
         )
+    if bias_update_rate and router in ("expert_choice", "soft"):
+        raise ValueError(f"bias_update_rate applies to token-choice routers (topk, "
+                         f"region_soft), not {router!r}")
     experts = GroupedExperts(
         num_experts, hidden_size, intermediate_size, activation=activation, backend=backend
     )
@@ -97,6 +103,7 @@ def build_moe_layer(
             jitter=jitter,
             capacity_factor=capacity_factor,
             num_regions=num_regions,
+            bias_update_rate=bias_update_rate,
         )
     else:
         cls = RegionHardRouter if router == "region_hard" else RegionSoftRouter
@@ -109,6 +116,7 @@ def build_moe_layer(
             normalize=normalize_topk,
             jitter=jitter,
             capacity_factor=capacity_factor,
+            bias_update_rate=bias_update_rate,
         )
     shared = None
     if shared_expert_size:

@@ -154,7 +154,16 @@ class TopKRouter(nn.Module):
             assignments (``N``: real tokens, padding excluded) and the rest are dropped
             (counted in ``num_dropped``).  ``None`` = dropless (default).
         num_regions: number of valid region ids (used for validation and statistics).
+        bias_update_rate: auxiliary-loss-free load balancing (DeepSeek-V3) when > 0: a
+            per-expert bias buffer ``expert_bias (E,)`` is added to the logits for the top-k
+            *selection* only (combine weights stay the unbiased probabilities), and every
+            training forward moves it by ``rate * sign(mean load - load_e)`` over the real
+            tokens' assignments, so overloaded experts get picked less.  0 (default): off, no
+            buffer.  Under DDP, rank 0's buffer is broadcast at each forward.
     """
+
+    #: Whether ``bias_update_rate`` may be used (not where regions fix the experts).
+    supports_bias_balancing = True
 
     def __init__(
         self,
@@ -166,11 +175,20 @@ class TopKRouter(nn.Module):
         jitter: float = 0.0,
         capacity_factor: float | None = None,
         num_regions: int = 7,
+        bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__()
         _check_num_experts(num_experts, top_k)
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        if not bias_update_rate >= 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
+        if bias_update_rate and not self.supports_bias_balancing:
+            raise ValueError(
+                f"{type(self).__name__} fixes which experts each region may use, so "
+                "bias_update_rate (load balancing by a selection bias) does not apply; use it "
+                "with the topk or region_soft router"
+            )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -179,6 +197,9 @@ class TopKRouter(nn.Module):
         self.capacity_factor = capacity_factor
         self.num_regions = num_regions
         self.weight = _router_weight(num_experts, hidden_size)
+        self.bias_update_rate = float(bias_update_rate)
+        if self.bias_update_rate:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
 
     @property
     def active_experts_per_token(self) -> float:
@@ -225,7 +246,8 @@ class TopKRouter(nn.Module):
         probs_t = logits_t.softmax(dim=0)
         # Select on logits, not probs: a masked (-inf) expert must never tie with an allowed
         # expert whose probability underflowed to 0.
-        ids_t = logits_t.topk(self.top_k, dim=0).indices  # (k, N)
+        select_t = logits_t + self.expert_bias[:, None] if self.bias_update_rate else logits_t
+        ids_t = select_t.topk(self.top_k, dim=0).indices  # (k, N)
         weights_t = probs_t.gather(0, ids_t)
         if self.normalize:
             weights_t = weights_t / weights_t.sum(dim=0, keepdim=True)
@@ -236,6 +258,8 @@ class TopKRouter(nn.Module):
             padding = ~token_mask.unsqueeze(-1)
             expert_ids = expert_ids.masked_fill(padding, -1)
             weights = weights.masked_fill(padding, 0.0)
+        if self.bias_update_rate and self.training:
+            self._update_expert_bias(expert_ids)
         if self.capacity_factor is not None:
             n = x.shape[0] if token_mask is None else int(token_mask.sum())
             capacity = math.ceil(self.capacity_factor * n * self.top_k / self.num_experts)
@@ -245,6 +269,14 @@ class TopKRouter(nn.Module):
         aux = self._aux_losses(logits, probs, expert_ids, region_ids, token_mask) \
             if aux_losses else {}
         return RouterOutput(logits, probs, expert_ids, weights.to(x.dtype), aux, num_dropped)
+
+    @torch.no_grad()
+    def _update_expert_bias(self, expert_ids: Tensor) -> None:
+        """``expert_bias += rate * sign(mean load - load)`` from ``(N, k)`` selections (``-1``,
+        padding, counts for no expert)."""
+        load = torch.bincount(expert_ids.reshape(-1) + 1, minlength=self.num_experts + 1)
+        load = load[1:].float()
+        self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
 
     def _aux_losses(self, logits: Tensor, probs: Tensor, expert_ids: Tensor,
                     region_ids: Tensor | None, token_mask: Tensor | None) -> dict[str, Tensor]:
@@ -284,6 +316,7 @@ class _RegionRouter(TopKRouter):
         normalize: bool = True,
         jitter: float = 0.0,
         capacity_factor: float | None = None,
+        bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__(
             hidden_size,
@@ -293,6 +326,7 @@ class _RegionRouter(TopKRouter):
             jitter=jitter,
             capacity_factor=capacity_factor,
             num_regions=num_regions,
+            bias_update_rate=bias_update_rate,
         )
         if region_experts is None:
             group = max(top_k, num_experts // max(num_regions, 1))
@@ -313,8 +347,11 @@ class RegionHardRouter(_RegionRouter):
 
     Logits of experts outside a token's region are masked to ``-inf`` before the softmax, so a
     token of region ``r`` can only ever reach ``region_experts[r]``.  Tokens with an unknown
-    region (``-1``) route over all experts.  Arguments as :class:`_RegionRouter`.
+    region (``-1``) route over all experts.  Arguments as :class:`_RegionRouter`, without
+    ``bias_update_rate`` (the regions fix the experts).
     """
+
+    supports_bias_balancing = False
 
     def compute_logits(self, x: Tensor, region_ids: Tensor | None) -> Tensor:
         logits = super().compute_logits(x, region_ids)
