@@ -92,7 +92,7 @@ def test_keypoint_heatmap_loss_is_off_by_default_and_weighted_when_on():
     assert "keypoint_heatmap" not in model(**inputs).losses  # weight 0: not even computed
     on = make_model("topk", loss_weights={"keypoint_heatmap": 0.5})
     out = on(**inputs)
-    assert float(out.losses["keypoint_heatmap"]) > 0
+    assert float(out.losses["keypoint_heatmap"].detach()) > 0
     total = sum(on.config.loss_weights[k] * v for k, v in out.losses.items())
     torch.testing.assert_close(out.loss, total)
     with pytest.raises(ValueError, match="keypoint_head='heatmap'"):
