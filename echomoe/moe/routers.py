@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -159,7 +160,10 @@ class TopKRouter(nn.Module):
             *selection* only (combine weights stay the unbiased probabilities), and every
             training forward moves it by ``rate * sign(mean load - load_e)`` over the real
             tokens' assignments, so overloaded experts get picked less.  0 (default): off, no
-            buffer.  Under DDP, rank 0's buffer is broadcast at each forward.
+            buffer.  Under ``torch.distributed`` the loads are summed over all ranks first (one
+            ``(E,)`` all-reduce per training forward), so every rank applies the same update
+            from the global batch; every rank must then run the training forwards, as DDP and
+            DeepSpeed do.
     """
 
     #: Whether ``bias_update_rate`` may be used (not where regions fix the experts).
@@ -276,6 +280,8 @@ class TopKRouter(nn.Module):
         padding, counts for no expert)."""
         load = torch.bincount(expert_ids.reshape(-1) + 1, minlength=self.num_experts + 1)
         load = load[1:].float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(load)  # the global batch's load, identical on every rank
         self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
 
     def _aux_losses(self, logits: Tensor, probs: Tensor, expert_ids: Tensor,

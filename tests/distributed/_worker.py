@@ -70,7 +70,36 @@ def ddp(setup: Path, out: Path, batches: ListBatches) -> dict:
     result["ddp_is_ddp"] = True
     save_pretrained_consolidated(model, out / "ddp_model")
     result["world_size"] = info.world_size
+    result.update(bias_balancing(info))
     return result
+
+
+def bias_balancing(info) -> dict:
+    """Routers with ``bias_update_rate`` update their expert bias from the global batch's load:
+    every rank routes its own 12 tokens of the same 24 (sorted by expert, so that the ranks'
+    loads differ), and all must end with the update that the 24 tokens' load gives, not the
+    one of their own tokens."""
+    from echomoe.moe import TopKRouter
+
+    def sign_update(ids: torch.Tensor) -> torch.Tensor:
+        load = torch.bincount(ids.flatten(), minlength=4).float()
+        return 0.1 * torch.sign(load.mean() - load)
+
+    torch.manual_seed(0)
+    router = TopKRouter(16, 4, 1, bias_update_rate=0.1)
+    tokens = torch.randn(24, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ids = router.eval()(tokens).expert_ids
+        expected = sign_update(ids)
+        tokens = tokens[ids[:, 0].argsort(stable=True)]  # rank 0 gets the low experts' tokens
+        mine = tokens[12 * info.rank:12 * (info.rank + 1)]
+        local = sign_update(router(mine).expert_ids)
+        router.train()(mine)
+    gathered = [torch.zeros(4) for _ in range(info.world_size)]
+    torch.distributed.all_gather(gathered, router.expert_bias)
+    return {"bias_equal_across_ranks": all(torch.equal(b, gathered[0]) for b in gathered),
+            "bias_is_global_update": torch.equal(router.expert_bias, expected),
+            "bias_local_update_differs": not torch.equal(local, expected)}
 
 
 def ep_replicas(setup: Path, out: Path, batches: ListBatches) -> dict:

@@ -88,6 +88,12 @@ def test_ddp_two_processes_equal_one_process(setup_dir, ddp_run):
     assert max_state_diff(model.state_dict(), ref["state"]) < TOL
 
 
+def test_bias_balancing_updates_from_the_global_batch_on_every_rank(ddp_run):
+    result = ddp_run[1]
+    assert result["bias_local_update_differs"]  # else the check below proves nothing
+    assert result["bias_is_global_update"] and result["bias_equal_across_ranks"]
+
+
 def test_world_size_must_divide_the_number_of_experts(ddp_run):
     message = ddp_run[1]["split_error"]
     assert message is not None
