@@ -284,6 +284,19 @@ def test_demo_grouped_sweep_is_the_demo_with_length_grouping():
         assert a == b, run
 
 
+def test_demo_bias_sweep_is_the_demo_with_bias_balancing():
+    demo = read_sweep(CONFIGS / "sweeps" / "demo.yaml")
+    bias = read_sweep(CONFIGS / "sweeps" / "demo_bias.yaml")
+    assert [n for n, _ in bias.runs] == [n for n, _ in demo.runs if n.startswith("moe_")]
+    for run, _ in bias.runs:
+        a, b = config_to_dict(demo.load(run)), config_to_dict(bias.load(run))
+        assert b["model"]["overrides"].pop("loss_weights") == {"moe_balance": 0.0}
+        assert b["model"]["overrides"].pop("moe_config") == {"bias_update_rate": 0.001}
+        for cfg in (a, b):
+            cfg.pop("output_dir"), cfg["logging"].pop("group")
+        assert a == b, run
+
+
 def test_sweep_validation(tmp_path):
     head = f"experiment: {BASE}\n"
     bad_key = write(tmp_path / "s1.yaml", head + "grid:\n  train.lrr: [0.1, 0.2]\n")
