@@ -274,6 +274,14 @@ class TopKRouter(nn.Module):
             if aux_losses else {}
         return RouterOutput(logits, probs, expert_ids, weights.to(x.dtype), aux, num_dropped)
 
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply``, but ``expert_bias`` stays fp32 through ``.to(bf16)`` /
+        ``.half()``: steps of ``bias_update_rate`` would round away in 16-bit floats."""
+        super()._apply(fn, recurse)
+        if self.bias_update_rate and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
+
     @torch.no_grad()
     def _update_expert_bias(self, expert_ids: Tensor) -> None:
         """``expert_bias += rate * sign(mean load - load)`` from ``(N, k)`` selections (``-1``,

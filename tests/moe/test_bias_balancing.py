@@ -103,3 +103,14 @@ def test_model_config_passes_the_rate_to_every_moe_layer():
     routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
     assert routers and all(r.bias_update_rate == 1e-3 for r in routers)
     assert any(k.endswith("expert_bias") for k in model.state_dict())
+
+
+def test_the_bias_stays_fp32_when_the_model_is_cast_to_16_bits():
+    router = skewed_router(rate=1e-3).to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16 and router.expert_bias.dtype == torch.float32
+    router.expert_bias.fill_(1.0)
+    router(tokens().bfloat16())
+    # a 1e-3 step survives next to 1.0 (in bf16 it would round back to 1.0)
+    assert (router.expert_bias - 1.0).abs().min() == pytest.approx(1e-3, rel=1e-3)
+    assert "expert_bias" in dict(router.half().named_buffers())
+    assert router.expert_bias.dtype == torch.float32
