@@ -271,30 +271,35 @@ def test_demo_sweep():
     assert sweep.load("moe_topk-seed0").model.variant == "moe_topk"
 
 
-def test_demo_grouped_sweep_is_the_demo_with_length_grouping():
+def beside_the_demo(sweep_name: str):
+    """``(run, demo config, sweep config)`` for each run of a sweep that varies ``demo.yaml``,
+    as dicts without the keys that only say where a run goes (``output_dir``,
+    ``logging.group``)."""
     demo = read_sweep(CONFIGS / "sweeps" / "demo.yaml")
-    grouped = read_sweep(CONFIGS / "sweeps" / "demo_grouped.yaml")
-    assert [n for n, _ in grouped.runs] == [n for n, _ in demo.runs if n.endswith("-seed0")]
-    for run, _ in grouped.runs:
-        a, b = config_to_dict(demo.load(run)), config_to_dict(grouped.load(run))
-        assert (a["train"].pop("group_by_length"), b["train"].pop("group_by_length")) == (
-            False, True)
-        for cfg in (a, b):
+    other = read_sweep(CONFIGS / "sweeps" / sweep_name)
+    for run, _ in other.runs:
+        pair = config_to_dict(demo.load(run)), config_to_dict(other.load(run))
+        for cfg in pair:
             cfg.pop("output_dir"), cfg["logging"].pop("group")
-        assert a == b, run
+        yield run, *pair
+
+
+def test_demo_grouped_sweep_is_the_demo_with_length_grouping():
+    runs = [run for run, _, _ in beside_the_demo("demo_grouped.yaml")]
+    assert runs == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
+    for run, demo, grouped in beside_the_demo("demo_grouped.yaml"):
+        assert demo["train"].pop("group_by_length") is False
+        assert grouped["train"].pop("group_by_length") is True
+        assert demo == grouped, run
 
 
 def test_demo_bias_sweep_is_the_demo_with_bias_balancing():
-    demo = read_sweep(CONFIGS / "sweeps" / "demo.yaml")
-    bias = read_sweep(CONFIGS / "sweeps" / "demo_bias.yaml")
-    assert [n for n, _ in bias.runs] == [n for n, _ in demo.runs if n.startswith("moe_")]
-    for run, _ in bias.runs:
-        a, b = config_to_dict(demo.load(run)), config_to_dict(bias.load(run))
-        assert b["model"]["overrides"].pop("loss_weights") == {"moe_balance": 0.0}
-        assert b["model"]["overrides"].pop("moe_config") == {"bias_update_rate": 0.001}
-        for cfg in (a, b):
-            cfg.pop("output_dir"), cfg["logging"].pop("group")
-        assert a == b, run
+    runs = [run for run, _, _ in beside_the_demo("demo_bias.yaml")]
+    assert runs == [f"{v}-seed{s}" for v in ("moe_topk", "moe_region_soft") for s in (0, 1, 2)]
+    for run, demo, bias in beside_the_demo("demo_bias.yaml"):
+        assert bias["model"]["overrides"].pop("loss_weights") == {"moe_balance": 0.0}
+        assert bias["model"]["overrides"].pop("moe_config") == {"bias_update_rate": 0.001}
+        assert demo == bias, run
 
 
 def test_sweep_validation(tmp_path):
