@@ -379,11 +379,8 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         has_kpt, kpt_h = self._task_hidden(hidden, input_ids, cfg.kpt_token_id)
         if has_kpt.any() or keypoints is not None:
             maps = keypoints is not None and cfg.loss_weights["keypoint_heatmap"] > 0
-            if maps:
-                preds["keypoints"], scores = self._spatial_head(self.keypoint_head, kpt_h, images,
-                                                                return_scores=True)
-            else:
-                preds["keypoints"] = self._spatial_head(self.keypoint_head, kpt_h, images)
+            out = self._spatial_head(self.keypoint_head, kpt_h, images, return_scores=maps)
+            preds["keypoints"], scores = out if maps else (out, None)
             if keypoints is not None:
                 flags = _flags(has_keypoints, keypoints.shape[0], keypoints.device) & has_kpt
                 target = keypoints.to(hidden.dtype)
@@ -393,13 +390,16 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         return preds
 
     @staticmethod
-    def _spatial_head(head: nn.Module, hidden: Tensor, images: dict | None, **kwargs):
-        """Run a box / keypoint head; heatmap heads also read the pixel features (``kwargs``
-        go to heatmap heads only)."""
+    def _spatial_head(head: nn.Module, hidden: Tensor, images: dict | None,
+                      return_scores: bool = False):
+        """Run a box / keypoint head; heatmap heads also read the pixel features.
+        ``return_scores`` (heatmap keypoint heads only) also returns the heatmap logits."""
         if isinstance(head, HeatmapBoxHead | HeatmapKeypointHead):
             if images is None:
                 raise ValueError(f"{type(head).__name__} needs pixel_values")
-            return head(hidden, images["pixel_features"], **kwargs)
+            if return_scores:
+                return head(hidden, images["pixel_features"], return_scores=True)
+            return head(hidden, images["pixel_features"])
         return head(hidden)
 
     # -- from generated task tokens to pixels -----------------------------------------------
