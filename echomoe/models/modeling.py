@@ -16,7 +16,7 @@ The total is ``sum(config.loss_weights[name] * loss)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from transformers import (
     GenerationMixin,
     PreTrainedModel,
 )
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from echomoe.grounding import (
     BoxHead,
@@ -53,16 +53,20 @@ from echomoe.vision import HFVisionEncoder, Projector, RegionClassifier, VisionT
 
 _MOE_LOSS_NAMES = {"balance": "moe_balance", "z": "moe_z", "region": "moe_region"}
 
+#: The name transformers gives the LM cache in model inputs and outputs: ``cache`` since
+#: transformers 5.24, ``past_key_values`` before. Read off transformers' own causal-LM output.
+CACHE_NAME = next(f.name for f in fields(CausalLMOutputWithPast)
+                  if f.name in ("cache", "past_key_values"))
+
 
 @dataclass
-class EchoMoEOutput(ModelOutput):
-    """Output of :class:`EchoMoEForConditionalGeneration`.
+class EchoMoEOutput(CausalLMOutputWithPast):
+    """Output of :class:`EchoMoEForConditionalGeneration`: transformers' causal-LM output
+    (``loss``, ``logits``, the cache under :data:`CACHE_NAME`, ``hidden_states``,
+    ``attentions``) plus the fields below.
 
     Attributes:
-        loss: weighted total (``None`` without labels / targets).
-        losses: raw named losses.
-        logits: ``(B, T, V)``.
-        past_key_values: the LM cache.
+        losses: raw named losses (``loss`` is their weighted total; ``None`` without targets).
         pred_masks: ``(B, H, W)`` mask logits at each sample's first ``[SEG]`` (0 without one).
         pred_boxes: ``(B, 4)`` normalised ``(cx, cy, w, h)`` at ``[DET]``.
         pred_keypoints: ``(B, K, 2)`` normalised points at ``[KPT]``.
@@ -71,11 +75,7 @@ class EchoMoEOutput(ModelOutput):
         routing: per-layer :class:`~echomoe.moe.layer.RoutingInfo` of the LM's MoE layers.
     """
 
-    loss: Tensor | None = None
     losses: dict[str, Tensor] | None = None
-    logits: Tensor | None = None
-    past_key_values: Any = None
-    hidden_states: tuple[Tensor, ...] | None = None
     pred_masks: Tensor | None = None
     pred_boxes: Tensor | None = None
     pred_keypoints: Tensor | None = None
@@ -279,6 +279,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         has_mask: Tensor | None = None,
         has_box: Tensor | None = None,
         has_keypoints: Tensor | None = None,
+        cache: Any = None,
         past_key_values: Any = None,
         position_ids: Tensor | None = None,
         use_cache: bool | None = None,
@@ -289,10 +290,16 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         ``region_ids (B,)`` (-1 unknown), ``labels (B, T)`` (-100 ignored), ``masks (B, H, W)``,
         ``boxes (B, 4)`` normalised ``(cx, cy, w, h)``, ``keypoints (B, K, 2)`` normalised;
         ``has_*`` ``(B,)`` flags (default: all samples have the target when it is given).
-        Extra collator keys (``task_ids``, ``pixel_spacing``, ``original_sizes``) are ignored.
+        ``cache`` is the LM cache (``past_key_values``, its name before transformers 5.24, is
+        accepted as well). Extra collator keys (``task_ids``, ``pixel_spacing``,
+        ``original_sizes``) are ignored.
         """
         if input_ids is None:
             raise ValueError("input_ids is required")
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("give the LM cache as cache or past_key_values, not both")
+            cache = past_key_values
         b = input_ids.shape[0]
         embeds = self.get_input_embeddings()(input_ids)
         losses: dict[str, Tensor] = {}
@@ -312,7 +319,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
                 region_ids = region_logits.argmax(dim=-1).detach()
             for key, value in self.vision.aux_losses.items():
                 losses[f"vision_{_MOE_LOSS_NAMES.get(key, key)}"] = value
-        elif (input_ids == self.config.image_token_id).any() and past_key_values is None:
+        elif (input_ids == self.config.image_token_id).any() and cache is None:
             raise ValueError("input_ids contain <image> tokens but no pixel_values were given")
 
         grounding = masks is not None or boxes is not None or keypoints is not None
@@ -326,9 +333,8 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         ):
             out = self.language_model(
                 inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
-                past_key_values=past_key_values, position_ids=position_ids,
-                use_cache=use_cache, output_hidden_states=need_hidden,
-                logits_to_keep=logits_to_keep,
+                position_ids=position_ids, use_cache=use_cache, output_hidden_states=need_hidden,
+                logits_to_keep=logits_to_keep, **{CACHE_NAME: cache},
             )
         if labels is not None:
             losses["lm"] = out.loss
@@ -342,7 +348,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         if supervised and losses:
             total = sum(weights.get(k.removeprefix("vision_"), 1.0) * v for k, v in losses.items())
         return EchoMoEOutput(
-            loss=total, losses=losses, logits=out.logits, past_key_values=out.past_key_values,
+            loss=total, losses=losses, logits=out.logits, **{CACHE_NAME: getattr(out, CACHE_NAME)},
             pred_masks=preds.get("masks"), pred_boxes=preds.get("boxes"),
             pred_keypoints=preds.get("keypoints"), region_logits=region_logits,
             region_ids=region_ids, routing=self.routing_context.routing(),
@@ -455,15 +461,15 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         return result
 
     # -- generation -------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, is_first_iteration=False,
+    def prepare_inputs_for_generation(self, input_ids, *, is_first_iteration=False,
                                       pixel_values=None, image_counts=None, region_ids=None,
                                       **kwargs):
+        # The cache and the attention mask travel in kwargs under transformers' own names.
         inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
+            input_ids, is_first_iteration=is_first_iteration, **kwargs
         )
-        if is_first_iteration or past_key_values is None:
+        # Images enter at the prefill only (and at every step without a cache).
+        if is_first_iteration or inputs.get(CACHE_NAME) is None:
             inputs["pixel_values"] = pixel_values
             inputs["image_counts"] = image_counts
         inputs["region_ids"] = region_ids

@@ -136,6 +136,33 @@ def test_generate_same_tokens_with_and_without_cache():
     assert torch.equal(cached, plain)
 
 
+def test_cache_follows_transformers_name_and_continues_the_forward():
+    """The cache is returned and taken under transformers' own name (``cache`` since 5.24,
+    ``past_key_values`` before); one cached step gives the full forward's last logits."""
+    from dataclasses import fields
+
+    from transformers import Cache
+
+    from echomoe.models.modeling import CACHE_NAME, EchoMoEOutput
+
+    names = {f.name for f in fields(EchoMoEOutput)} & {"cache", "past_key_values"}
+    assert names == {CACHE_NAME}
+    model = make_model("topk").eval()
+    p = model.tokens_per_image
+    ids = torch.cat([torch.full((2, p), IMAGE), torch.randint(10, 500, (2, 5))], dim=1)
+    pixels = torch.rand(2, 1, 1, 32, 32)
+    with torch.no_grad():
+        full = model(input_ids=ids, pixel_values=pixels, use_cache=False)
+        prefix = model(input_ids=ids[:, :-1], pixel_values=pixels, use_cache=True)
+        cache = prefix[CACHE_NAME]
+        assert isinstance(cache, Cache) and cache.get_seq_length() == ids.shape[1] - 1
+        step = model(input_ids=ids[:, -1:], use_cache=True, **{CACHE_NAME: cache})
+    assert step[CACHE_NAME].get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=ids[:, -1:], cache=cache, past_key_values=cache)
+
+
 def test_region_hard_routes_breast_tokens_to_breast_experts():
     model = make_model("region_hard").eval()
     inputs = batch(model)
