@@ -92,7 +92,8 @@ class EchoMoEConfig(PretrainedConfig):
         image_size: input side in pixels (images are resized to it by the processor).
         in_channels: 1 (grayscale ultrasound) or 3.
         regions: region names; their indices are routing ids.
-        predict_region: use the region classifier's prediction when no region id is given.
+        predict_region: route every sample without a region id (none given, or ``-1``) with
+            the region classifier's prediction.
         image_token_id, seg_token_id, det_token_id, kpt_token_id: tokenizer ids.
         loss_weights: overrides of :data:`DEFAULT_LOSS_WEIGHTS`.
         **kwargs: ``PretrainedConfig`` fields.  ``pad_token_id`` / ``bos_token_id`` /

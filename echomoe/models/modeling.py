@@ -196,6 +196,14 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         return self.language_model.get_decoder()
 
     @property
+    def routes_by_region(self) -> bool:
+        """Whether a router reads the region ids (region-hard / region-soft routing); such
+        models are evaluated with predicted regions and, separately, with the oracle."""
+        from echomoe.moe.routers import RegionHardRouter, RegionSoftRouter
+
+        return any(isinstance(m, RegionHardRouter | RegionSoftRouter) for m in self.modules())
+
+    @property
     def tokens_per_image(self) -> int:
         """``<image>`` placeholder tokens each image expands to in ``input_ids``."""
         n = self.vision.num_patches(self.config.image_size)
@@ -315,8 +323,11 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
             region_logits = self.region_classifier(images["pooled_tokens"])
             if region_ids is not None and (region_ids >= 0).any():
                 losses["region_cls"] = self.region_classifier.loss(region_logits, region_ids)
-            if region_ids is None and self.config.predict_region:
-                region_ids = region_logits.argmax(dim=-1).detach()
+            if self.config.predict_region:
+                # Samples without a region (none given, or -1) route with the predicted one.
+                predicted = region_logits.argmax(dim=-1).detach()
+                region_ids = predicted if region_ids is None else torch.where(
+                    region_ids >= 0, region_ids, predicted)
             for key, value in self.vision.aux_losses.items():
                 losses[f"vision_{_MOE_LOSS_NAMES.get(key, key)}"] = value
         elif (input_ids == self.config.image_token_id).any() and cache is None:

@@ -188,6 +188,30 @@ def test_predicted_region_routes_when_ids_are_omitted():
     assert torch.equal(info.region_ids, predicted.repeat_interleave(t))
 
 
+def test_unknown_region_ids_are_replaced_by_the_prediction_per_sample():
+    model = make_model("region_hard").eval()
+    inputs = batch(model, b=3)
+    given = torch.tensor([2, -1, -1])
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                    region_ids=given)
+    predicted = out.region_logits.argmax(-1)
+    assert torch.equal(out.region_ids, torch.cat([given[:1], predicted[1:]]))
+    assert (out.region_ids >= 0).all()
+    model.config.predict_region = False
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                    region_ids=given)
+    assert torch.equal(out.region_ids, given)
+
+
+def test_routes_by_region_names_region_routers_only():
+    assert make_model("region_hard").routes_by_region
+    assert make_model("region_soft").routes_by_region
+    assert not make_model("topk").routes_by_region
+    assert not make_model("dense").routes_by_region
+
+
 def test_registered_with_auto_classes(tmp_path):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
