@@ -49,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="prompt / synthetic-data seed")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--no-regions", action="store_true",
-                        help="do not give the router the samples' regions")
+    parser.add_argument("--regions", choices=("predicted", "given"), default="predicted",
+                        help="route with the region the model predicts (default, fair) or with "
+                             "each sample's true region (the oracle)")
+    parser.add_argument("--closed", choices=("rank", "generate"), default="rank",
+                        help="answer closed questions and diagnoses with the most likely option "
+                             "(default) or with the free generation")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--out", required=True, help="output directory")
     return parser
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate_model(
         model, processor, samples, tasks=args.tasks, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, seed=args.seed,
-        use_regions=not args.no_regions,
+        regions=args.regions, closed=args.closed,
     )
     result.settings["model"] = args.checkpoint or f"{args.preset}/{args.variant}"
     result.settings["data"] = args.data or f"synthetic:{args.synthetic}"

@@ -61,6 +61,8 @@ class DataSection:
             the final evaluation ``test_split``).
         max_length: collator maximum sequence length (``None``: no truncation).
         num_workers: ``DataLoader`` workers.
+        blind: withhold the images (every split: each image becomes a constant image of its
+            size, :func:`~echomoe.data.schema.withhold_images`): the *blind* baseline run.
     """
 
     source: str = "synthetic"
@@ -74,6 +76,7 @@ class DataSection:
     test_split: str = "test"
     max_length: int | None = None
     num_workers: int = 0
+    blind: bool = False
 
     def synthetic_config(self) -> SyntheticConfig:
         """The :class:`SyntheticConfig` of ``synthetic`` (lists become tuples)."""
@@ -186,12 +189,18 @@ class TrainSection:
 @dataclass
 class EvalSection:
     """Evaluation with generation: ``tasks`` (subset of :data:`TASKS`), ``num_samples`` examples
-    of the split (``None``: all), ``max_new_tokens`` per generation."""
+    of the split (``None``: all), ``max_new_tokens`` per generation, ``seed`` for the prompt
+    phrasing (the same for every run by default, so that runs are scored on identical examples
+    and can be compared case by case), ``closed``: ``rank`` answers closed questions and
+    diagnoses with their most likely option, ``generate`` with the free generation
+    (:func:`~echomoe.metrics.harness.evaluate_model`)."""
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     batch_size: int = 16
     max_new_tokens: int = 64
     num_samples: int | None = None
+    seed: int = 0
+    closed: str = "rank"
 
 
 @dataclass
@@ -234,6 +243,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
     "logging.mode": ("online", "offline", "disabled"),
+    "eval.closed": ("rank", "generate"),
 }
 """Allowed values of the string fields that are enumerations."""
 

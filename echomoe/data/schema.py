@@ -12,7 +12,7 @@ pixels.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,21 @@ class UltrasoundSample:
         if isinstance(image, np.ndarray):
             return image
         return load_grayscale(image)
+
+
+def withhold_images(samples: list[UltrasoundSample], value: int = 0) -> list[UltrasoundSample]:
+    """Copies of ``samples`` whose images are all replaced by a constant ``value`` (uint8) of
+    the same size; labels, text and region are kept.  A model trained and evaluated on these
+    is the *blind* baseline: what it scores comes from the prompt and the label statistics,
+    not from the image."""
+    if not 0 <= value <= 255:
+        raise ValueError(f"value must be in [0, 255], got {value}")
+    blind = []
+    for sample in samples:
+        images = [np.full(sample.image_array(i).shape[:2], value, dtype=np.uint8)
+                  for i in range(len(sample.images))]
+        blind.append(replace(sample, images=images))
+    return blind
 
 
 def load_grayscale(path: str | Path) -> np.ndarray:

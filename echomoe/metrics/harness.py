@@ -17,10 +17,15 @@ How it runs (all deterministic):
 1. **Prompts.**  For every task and sample, :func:`echomoe.data.tasks.build_task` with the
    generator ``default_rng([seed, sample_index, task_index])`` gives the (prompt, reference)
    pairs (VQA: one per question).  Samples that do not support a task are skipped.
-2. **Generation.**  Batches of ``batch_size`` prompts go through the processor (left padded,
-   with each sample's region as routing id unless ``use_regions=False``) and
-   ``model.generate`` (greedy, ``max_new_tokens``; ``<image>`` is banned as an output token).
-   The text up to the first eos is the prediction.
+2. **Generation.**  Batches of ``batch_size`` prompts go through the processor (left padded)
+   and ``model.generate`` (greedy, ``max_new_tokens``; ``<image>`` is banned as an output
+   token).  The text up to the first eos is the prediction; closed questions (yes / no, the
+   options a choice question lists) and diagnoses are answered with their most likely option
+   instead (``closed="rank"``, the default; :mod:`echomoe.metrics.ranking`; the free text is
+   kept in the record's ``generated``).  The routers see the region the model
+   predicts from the image (``regions="predicted"``, the default: the fair protocol, since a
+   deployed model is not told the anatomy) or each sample's true region (``regions="given"``,
+   the oracle; samples of unknown region still use the prediction).
 3. **Grounding.**  For ``segment`` / ``detect`` / ``measure`` the prompt + generated tokens go
    through ``model.ground``.  When the model did not emit the task token (``[SEG]`` /
    ``[DET]`` / ``[KPT]``) it is appended (``force_task_token=True``, the default) so the head
@@ -28,8 +33,8 @@ How it runs (all deterministic):
 4. **Routing.**  One forward over prompt + generation per batch (for grounding tasks, the
    ``ground`` forward itself) feeds a :class:`~echomoe.metrics.routing.RoutingAccumulator`
    (padding excluded), so the routing report covers every evaluated token.  Its region x
-   expert matrices count tokens by the samples' *true* regions, also when the router was not
-   given them (``use_regions=False``) or routed with predicted ones.
+   expert matrices count tokens by the samples' *true* regions, also when the router routed
+   with predicted ones.
 5. **Scoring** (each function documented in its module):
 
    ============ ==============================================================================
@@ -78,14 +83,18 @@ from echomoe.data.tokenizer import DET_TOKEN, IMAGE_TOKEN, KPT_TOKEN, SEG_TOKEN
 from echomoe.metrics.detection import box_iou, inclusive_to_edges
 from echomoe.metrics.findings import diagnosis_metrics, finding_f1, size_error_mm
 from echomoe.metrics.keypoints import measurement_error, radial_error
+from echomoe.metrics.ranking import closed_options, rank_options
 from echomoe.metrics.routing import RoutingAccumulator
 from echomoe.metrics.segmentation import dice, hd95, iou
-from echomoe.metrics.text import report_metrics
+from echomoe.metrics.text import bleu, report_metrics
 from echomoe.metrics.vqa import vqa_metrics
 
 GROUNDING_TOKENS: dict[str, str] = {"segment": SEG_TOKEN, "detect": DET_TOKEN,
                                     "measure": KPT_TOKEN}
 """The task token each grounding task's head reads."""
+
+REGION_PROTOCOLS = ("predicted", "given")
+"""Where the routers' region ids come from at evaluation (see :func:`evaluate_model`)."""
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "report": ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "cider",
@@ -134,7 +143,9 @@ class _Example:
     prompt: str
     reference: str
     qa_type: str = ""
+    options: list[str] = field(default_factory=list)  # the QA item's listed options, if any
     prediction: str = ""
+    generated: str | None = None  # the free generation, when a ranked option replaced it
     emitted: bool = True
     ground: dict[str, np.ndarray] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
@@ -162,11 +173,13 @@ def build_examples(samples: Sequence[UltrasoundSample], tasks: Sequence[str],
         t = TASKS.index(task)
         for i, sample in enumerate(samples):
             pairs = build_task(task, sample, np.random.default_rng([seed, i, t]))
-            types = [str(qa.get("type", "open")) for qa in sample.qa
-                     if str(qa.get("question", "")).strip() and str(qa.get("answer", "")).strip()]
+            kept = [qa for qa in sample.qa
+                    if str(qa.get("question", "")).strip() and str(qa.get("answer", "")).strip()]
             for j, (prompt, reference) in enumerate(pairs):
-                qa_type = types[j] if task == "vqa" else ""
-                examples.append(_Example(i, sample, task, prompt, reference, qa_type))
+                qa = kept[j] if task == "vqa" else {}
+                examples.append(_Example(i, sample, task, prompt, reference,
+                                         str(qa.get("type", "open")) if qa else "",
+                                         list(qa.get("options") or [])))
     return examples
 
 
@@ -191,7 +204,7 @@ def _pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
-               use_regions: bool, force_task_token: bool,
+               given_regions: bool, force_task_token: bool, rank_closed: bool,
                accumulator: RoutingAccumulator) -> None:
     """Generate, decode and (for grounding tasks) ground one batch of one task, in place."""
     tok = processor.tokenizer
@@ -200,7 +213,7 @@ def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
     regions = [_routing_region(ex.sample, processor.regions) for ex in batch]
     inputs = processor(images=[list(ex.sample.images) for ex in batch],
                        text=[ex.prompt for ex in batch],
-                       regions=regions if use_regions else None, padding_side="left")
+                       regions=regions if given_regions else None, padding_side="left")
     inputs = {k: v.to(device) for k, v in inputs.items()}
     image_id = processor.image_token_id
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
@@ -223,6 +236,21 @@ def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
                 generated = [*generated, task_id]
         prompt = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist()
         rows.append(prompt + generated)
+    if rank_closed and task_id is None:
+        options = [closed_options(ex.task, ex.prompt, ex.qa_type, ex.options) for ex in batch]
+        ranked = [i for i, opts in enumerate(options) if opts]
+        if ranked:
+            region_ids = inputs.get("region_ids")
+            best = rank_options(
+                model, processor, [list(batch[i].sample.images) for i in ranked],
+                [batch[i].prompt for i in ranked], [options[i] for i in ranked],
+                region_ids=None if region_ids is None else region_ids[ranked])
+            for i, choice in zip(ranked, best, strict=True):
+                batch[i].generated = batch[i].prediction
+                batch[i].prediction = options[i][choice]
+                prompt_len_i = int(inputs["attention_mask"][i].sum())
+                rows[i] = rows[i][:prompt_len_i] + tok.encode(batch[i].prediction,
+                                                              add_special_tokens=False)
     # Right-padded prompt + generation: positions start at 0 for every row, as in training.
     ids, mask = _pad_right(rows, tok.pad_token_id, device)
     region_ids = inputs.get("region_ids")
@@ -318,6 +346,8 @@ def _score_text(ex: _Example) -> None:
         label = diagnosis_label(ex.sample.region, ex.prediction)
         ex.scores.update(label=label, correct=float(label == ex.reference))
     elif ex.task == "report":
+        # Sentence-level BLEU-1 (the per-case counterpart of corpus BLEU-1, for paired tests).
+        ex.scores["bleu1"] = bleu([ex.prediction], [ex.reference])["bleu1"]
         ex.scores.update(_report_clinical([ex]))
 
 
@@ -346,6 +376,7 @@ def make_records(examples: list[_Example]) -> list[dict[str, Any]]:
         "id": ex.sample.id, "region": ex.sample.region, "task": ex.task,
         "prompt": ex.prompt.replace(IMAGE_TOKEN, "").strip(), "prediction": ex.prediction,
         "reference": ex.reference, "scores": dict(ex.scores),
+        **({} if ex.generated is None else {"generated": ex.generated}),
     } for ex in examples]
 
 
@@ -444,7 +475,8 @@ def evaluate_model(
     progress: bool = True,
     *,
     seed: int = 0,
-    use_regions: bool = True,
+    regions: str = "predicted",
+    closed: str = "rank",
     force_task_token: bool = True,
 ) -> EvalResult:
     """Run ``model`` on every task of ``samples`` and score it (see the module docstring).
@@ -459,8 +491,12 @@ def evaluate_model(
         max_new_tokens: generation budget per prompt.
         progress: show a tqdm progress bar over batches.
         seed: prompt-phrasing seed.
-        use_regions: route with each sample's region (else ``region_ids`` is not given and the
-            model predicts it when ``config.predict_region``).
+        regions: ``"predicted"`` (default): the routers see the region the model predicts
+            (``config.predict_region``; without it, no region); ``"given"``: each sample's
+            true region (the oracle protocol, reported separately).
+        closed: ``"rank"`` (default): closed VQA questions and diagnoses are answered with
+            their most likely option (:mod:`echomoe.metrics.ranking`); ``"generate"``: with
+            the free generation.
         force_task_token: append a missing ``[SEG]`` / ``[DET]`` / ``[KPT]`` before grounding.
 
     Returns:
@@ -473,6 +509,10 @@ def evaluate_model(
         raise ValueError(f"unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
+    if closed not in ("rank", "generate"):
+        raise ValueError(f"closed must be 'rank' or 'generate', got {closed!r}")
+    if regions not in REGION_PROTOCOLS:
+        raise ValueError(f"regions must be one of {', '.join(REGION_PROTOCOLS)}, got {regions!r}")
     samples = _as_samples(samples)
     tasks = [t for t in TASKS if t in tasks]
     examples = build_examples(samples, tasks, seed)
@@ -489,14 +529,17 @@ def evaluate_model(
             for batch in batches:
                 bar.set_postfix(task=batch[0].task)
                 _run_batch(model, processor, batch, max_new_tokens=max_new_tokens,
-                           use_regions=use_regions, force_task_token=force_task_token,
+                           given_regions=regions == "given",
+                           force_task_token=force_task_token,
+                           rank_closed=closed == "rank",
                            accumulator=accumulator)
                 bar.update(1)
     finally:
         model.train(was_training)
     score_examples(examples, int(config.image_size), config.grounding_config["measure_pairs"])
     settings = {"tasks": list(tasks), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                "seed": seed, "use_regions": use_regions, "force_task_token": force_task_token,
+                "seed": seed, "regions": regions, "closed": closed,
+                "force_task_token": force_task_token,
                 "num_samples": len(samples)}
     return EvalResult(summarize(examples, tasks, len(samples)), make_records(examples),
                       accumulator.report(), settings)

@@ -323,9 +323,14 @@ def test_free_text_and_negations():
 def _check_qa(region: str, attrs: dict, qa: list[dict]) -> None:
     label = V.diagnose(region, attrs)
     for item in qa:
-        assert set(item) == {"question", "answer", "type"}
+        expected = {"question", "answer", "type"} | ({"options"} if item["type"] == "choice"
+                                                     else set())
+        assert set(item) == expected
         assert item["type"] in QA_TYPES
         q, ans = item["question"], item["answer"]
+        if item["type"] == "choice":  # the options the question lists
+            assert ans in item["options"]  # (a 0% stenosis can list only itself)
+            assert all(o in q for o in item["options"]), item
         assert q.endswith("?") or q.endswith(".")
         if item["type"] == "yes_no":
             assert ans in ("yes", "no")

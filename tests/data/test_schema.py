@@ -58,3 +58,20 @@ def test_region_index():
     assert region_index("unknown") == -1
     with pytest.raises(UnknownRegionError, match="valid: breast"):
         region_index("brain")
+
+
+def test_withhold_images_keeps_everything_but_the_pixels():
+    from echomoe.data.schema import withhold_images
+
+    samples = [_sample(i) for i in range(3)]
+    blind = withhold_images(samples, value=7)
+    for before, after in zip(samples, blind, strict=True):
+        assert len(after.images) == len(before.images)
+        for a, b in zip(after.images, before.images, strict=True):
+            assert a.shape == b.shape and a.dtype == np.uint8 and (a == 7).all()
+        assert after.masks is before.masks and after.qa == before.qa
+        assert (after.id, after.region, after.diagnosis) == (before.id, before.region,
+                                                             before.diagnosis)
+    assert not (samples[0].images[0] == 7).all()  # the originals are untouched
+    with pytest.raises(ValueError, match="value"):
+        withhold_images(samples, value=300)

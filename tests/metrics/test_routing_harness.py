@@ -162,6 +162,30 @@ def test_evaluate_model_hf_dataset_is_deterministic(tiny, samples):
         evaluate_model(model, processor, samples[:1], tasks=("caption",), progress=False)
 
 
+def test_evaluate_model_routes_with_predicted_regions_unless_given(tiny, samples, monkeypatch):
+    from echomoe.data.schema import REGIONS
+
+    model, processor = tiny
+    seen = []
+    generate_ = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("region_ids"))
+        return generate_(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    kwargs = dict(tasks=("diagnosis",), max_new_tokens=2, progress=False)
+    fair = evaluate_model(model, processor, samples[:3], **kwargs)
+    assert seen == [None] and fair.settings["regions"] == "predicted"
+    seen.clear()
+    oracle = evaluate_model(model, processor, samples[:3], regions="given", **kwargs)
+    assert torch.equal(seen[0].cpu(), torch.tensor([REGIONS.index(s.region)
+                                                    for s in samples[:3]]))
+    assert oracle.settings["regions"] == "given"
+    with pytest.raises(ValueError, match="regions must be one of predicted, given"):
+        evaluate_model(model, processor, samples[:1], regions="oracle", **kwargs)
+
+
 def test_oracle_predictions_score_perfectly(samples):
     size, pairs = 32, [(0, 1), (2, 3)]
     examples = build_examples(samples, TASKS)

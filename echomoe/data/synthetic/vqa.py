@@ -5,7 +5,8 @@
 
 * ``"yes_no"``: the answer is ``"yes"`` or ``"no"`` (the asked value is the true one or a
   random other value with probability 1/2);
-* ``"choice"``: the question lists its options, the answer is one of them, verbatim;
+* ``"choice"``: the question lists its options (also under ``"options"``), the answer is one
+  of them, verbatim;
 * ``"open"``: the answer is the attribute value itself.
 
 Topics: organ, lesion presence/type, echogenicity, margin, shape, size (``"AA.A mm"``, long or
@@ -173,34 +174,36 @@ def _join_or(opts: list[str]) -> str:
 
 
 def _categorical(kind: str, template: str, value: str, options, rng, display=None,
-                 **fields) -> tuple[str, str]:
-    """One question about a categorical ``value`` among ``options``."""
+                 **fields) -> tuple[str, str, list[str] | None]:
+    """One question about a categorical ``value`` among ``options``: ``(question, answer,
+    the options a choice question lists)``."""
     display = display or {}
     others = [o for o in options if o != value]
     if kind == "yes_no":
         asked = value if rng.random() < 0.5 or not others else _pick(rng, others)
         question = template.format(c=display.get(asked, asked), **fields)
-        return question, "yes" if asked == value else "no"
+        return question, "yes" if asked == value else "no", None
     if kind == "choice":
         k = min(3, len(others))
         chosen = [others[int(i)] for i in rng.permutation(len(others))[:k]]
         opts = [value, *chosen]
         opts = [opts[int(i)] for i in rng.permutation(len(opts))]
-        return template.format(opts=", ".join(opts), opts_or=_join_or(opts), **fields), value
-    return template.format(**fields), value
+        return (template.format(opts=", ".join(opts), opts_or=_join_or(opts), **fields), value,
+                opts)
+    return template.format(**fields), value, None
 
 
 def _numeric(kind: str, template: str, value: float, rng, fmt, integer=False,
-             **fields) -> tuple[str, str]:
+             **fields) -> tuple[str, str, list[str] | None]:
     """One question about a measurement; ``fmt`` renders a value as its answer string."""
     if kind == "open":
-        return template.format(**fields), fmt(value)
+        return template.format(**fields), fmt(value), None
     factors = rng.permutation(np.array([0.5, 0.7, 0.8, 1.25, 1.4, 1.8]))
     if kind == "yes_no":
         t = max(1, int(round(value * float(factors[0]))))
         if t == value:
             t += 1
-        return template.format(t=t, **fields), "yes" if value > t else "no"
+        return template.format(t=t, **fields), "yes" if value > t else "no", None
     answer = fmt(value)
     opts = [answer]
     for f in factors:
@@ -211,7 +214,7 @@ def _numeric(kind: str, template: str, value: float, rng, fmt, integer=False,
         if len(opts) == 4:
             break
     opts = [opts[int(i)] for i in rng.permutation(len(opts))]
-    return template.format(opts=", ".join(opts), opts_or=_join_or(opts), **fields), answer
+    return template.format(opts=", ".join(opts), opts_or=_join_or(opts), **fields), answer, opts
 
 
 def _mm(value: float) -> str:
@@ -219,7 +222,7 @@ def _mm(value: float) -> str:
 
 
 def _question(region: str, a: dict[str, Any], topic: str, kind: str,
-              rng: np.random.Generator) -> tuple[str, str]:
+              rng: np.random.Generator) -> tuple[str, str, list[str] | None]:
     template = _pick(rng, TEMPLATES[topic][kind])
     present = bool(a.get("lesion_present", False))
     kind_of = a.get("lesion_type", "none")
@@ -231,7 +234,7 @@ def _question(region: str, a: dict[str, Any], topic: str, kind: str,
         if kind == "yes_no":
             asked = _pick(rng, ("focal lesion", *LESION_TYPES[region]))
             answer = present and asked in ("focal lesion", kind_of)
-            return template.format(c=asked), "yes" if answer else "no"
+            return template.format(c=asked), "yes" if answer else "no", None
         return _categorical(kind, template, kind_of, ("none", *LESION_TYPES[region]), rng)
     if topic == "echogenicity":
         return _categorical(kind, template, a["echogenicity"], ECHOGENICITIES, rng, noun=noun)
@@ -253,7 +256,7 @@ def _question(region: str, a: dict[str, Any], topic: str, kind: str,
     if topic == "lv_diameter":
         if kind == "yes_no" and rng.random() < 0.3:
             dilated = float(a["lv_diameter_mm"]) > LV_DILATED_MM
-            return "Is the left ventricle dilated?", "yes" if dilated else "no"
+            return "Is the left ventricle dilated?", "yes" if dilated else "no", None
         return _numeric(kind, template, float(a["lv_diameter_mm"]), rng, _mm)
     if topic == "stenosis":
         return _numeric(kind, template, int(a["stenosis_percent"]), rng, lambda v: f"{int(v)}%",
@@ -262,8 +265,9 @@ def _question(region: str, a: dict[str, Any], topic: str, kind: str,
 
 
 def make_qa(region: str, attributes: dict[str, Any], rng: np.random.Generator,
-            num_questions: int = 6) -> list[dict[str, str]]:
-    """``num_questions`` VQA pairs ``{"question", "answer", "type"}`` about one case.
+            num_questions: int = 6) -> list[dict[str, Any]]:
+    """``num_questions`` VQA pairs ``{"question", "answer", "type"}`` about one case; choice
+    questions also carry the ``"options"`` they list (in the order they are listed).
 
     (topic, type) pairs are drawn without repetition while they last (a normal study has
     fewer topics), then again in a fresh random order.  Deterministic for the ``rng`` state.
@@ -276,12 +280,15 @@ def make_qa(region: str, attributes: dict[str, Any], rng: np.random.Generator,
     if region in _STUDY_TOPIC:
         topics.append(_STUDY_TOPIC[region])
     pool = [(topic, kind) for topic in topics for kind in QA_TYPES]
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     while len(out) < num_questions:
         for i in rng.permutation(len(pool)):
             if len(out) == num_questions:
                 break
             topic, kind = pool[int(i)]
-            question, answer = _question(region, attributes, topic, kind, rng)
-            out.append({"question": question, "answer": answer, "type": kind})
+            question, answer, options = _question(region, attributes, topic, kind, rng)
+            item: dict[str, Any] = {"question": question, "answer": answer, "type": kind}
+            if options is not None:
+                item["options"] = list(options)
+            out.append(item)
     return out
