@@ -270,6 +270,45 @@ def build_vit_block(
     )
 
 
+class _ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a ``(B, C, H, W)`` map (local, unlike
+    GroupNorm, and independent of the batch, unlike BatchNorm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvStem(nn.Module):
+    """Patch embedding by ``log2(p)`` stride-2 ``3 x 3`` convolutions (each followed by a
+    per-pixel LayerNorm over channels and GELU), then a ``1 x 1`` projection to ``hidden_size``:
+    ``(B, C_in, H, W) -> (B, C, H/p, W/p)``.
+
+    Channels double at each stage and end at ``hidden_size`` (at least 8 per stage).  It sees
+    overlapping ``3 x 3`` neighbourhoods instead of disjoint patches, which makes a small ViT
+    trained from scratch learn shapes and edges much sooner.
+    """
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int) -> None:
+        super().__init__()
+        stages = patch_size.bit_length() - 1
+        if patch_size < 2 or 1 << stages != patch_size:
+            raise ValueError(f"the conv stem needs a power-of-two patch_size >= 2, got "
+                             f"{patch_size}")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(stages):
+            out = max(hidden_size >> (stages - 1 - i), 8)
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
+                       _ChannelNorm(out), nn.GELU()]
+            channels = out
+        layers.append(nn.Conv2d(channels, hidden_size, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C_in, H, W) -> (B, hidden_size, H / p, W / p)``."""
+        return self.layers(x)
+
+
 class VisionTransformer(ImageEncoder):
     """A native ViT for 1- or 3-channel images, optionally with MoE FFNs (V-MoE style).
 
@@ -290,6 +329,9 @@ class VisionTransformer(ImageEncoder):
             see :func:`build_vit_block`.
         class_token: prepend a learned cls token (it has no position embedding; it is dropped
             from ``forward_features`` and feature maps).
+        stem: ``"patch"`` (a ``p x p`` stride-``p`` convolution, as ViT) or ``"conv"``
+            (:class:`ConvStem`: ``log2 p`` stride-2 3x3 convolutions, the early convolutions
+            that help ViTs trained from scratch on little data, Xiao et al. 2021).
     """
 
     def __init__(
@@ -313,6 +355,7 @@ class VisionTransformer(ImageEncoder):
         class_token: bool = True,
         qkv_bias: bool = True,
         norm_eps: float = 1e-6,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -324,7 +367,13 @@ class VisionTransformer(ImageEncoder):
         self.depth = depth
         self.num_prefix_tokens = 1 if class_token else 0
         grid = self.grid_size()
-        self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        if stem == "patch":
+            self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        elif stem == "conv":
+            self.patch_embed = ConvStem(in_channels, hidden_size, patch_size)
+        else:
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        self.stem = stem
         self.pos_embed = nn.Parameter(torch.randn(1, grid[0] * grid[1], hidden_size) * 0.02)
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02) if class_token \
             else None
@@ -369,7 +418,7 @@ class VisionTransformer(ImageEncoder):
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """``(B, C_in, H, W) -> (B, T, C)`` tokens (cls first) and the patch grid."""
-        x = self.prepare_input(x).to(self.patch_embed.weight.dtype)
+        x = self.prepare_input(x).to(self.pos_embed.dtype)
         patches = self.patch_embed(x)  # (B, C, h, w)
         grid = (patches.shape[-2], patches.shape[-1])
         tokens = rearrange(patches, "b c h w -> b (h w) c") + self.interpolate_pos_embed(grid)

@@ -20,7 +20,7 @@ from echomoe.vision import (
 
 B, C, IMG, PATCH, DEPTH = 2, 32, 32, 8, 2
 GRID = IMG // PATCH
-NATIVE = ("native_dense", "native_expert_choice", "native_soft")
+NATIVE = ("native_dense", "native_expert_choice", "native_soft", "native_conv_stem")
 HF = ("hf_siglip", "hf_clip", "hf_dinov2", "hf_dinov2_registers")
 KINDS = NATIVE + HF
 
@@ -55,7 +55,8 @@ def make(kind: str, in_channels: int = 3) -> ImageEncoder:
         return HFVisionEncoder.from_config(hf_config(kind, in_channels))
     moe = {"native_dense": {},
            "native_expert_choice": dict(moe_layers="all", router="expert_choice", num_experts=3),
-           "native_soft": dict(moe_layers=[1], router="soft", num_experts=3)}[kind]
+           "native_soft": dict(moe_layers=[1], router="soft", num_experts=3),
+           "native_conv_stem": dict(stem="conv")}[kind]
     return VisionTransformer(image_size=IMG, patch_size=PATCH, in_channels=in_channels,
                              hidden_size=C, depth=DEPTH, num_heads=4, intermediate_size=37, **moe)
 
@@ -111,7 +112,7 @@ def test_shapes_no_nan_and_aux_losses(kind):
 
 
 def test_ffns_are_the_moe_library_blocks():
-    dense, ec, soft = (make(k) for k in NATIVE)
+    dense, ec, soft = (make(k) for k in NATIVE[:3])
     assert all(isinstance(b.ffn, DenseFFN) for b in dense.blocks)
     assert all(isinstance(b.ffn, MoELayer) for b in ec.blocks)
     assert isinstance(soft.blocks[0].ffn, DenseFFN) and isinstance(soft.blocks[1].ffn, SoftMoE)
@@ -163,6 +164,35 @@ def test_other_image_sizes(kind):
         assert maps[0].shape == (B, C, 6, 6)
         if kind in NATIVE or kind in ("hf_siglip", "hf_clip"):  # non-square input
             assert enc(torch.randn(B, 1, 32, 48)).shape == (B, 24, C)
+
+
+def test_conv_stem_sees_across_patch_borders():
+    """A pixel on a patch border moves only its own patch's embedding with the ViT stem and
+    its neighbour's as well with the conv stem (overlapping 3x3 windows)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, IMG, IMG)
+    y = x.clone()
+    y[0, 0, 0, PATCH - 1] += 5.0  # top-right pixel of patch (0, 0)
+    for stem, moved in (("patch", [0]), ("conv", [0, 1])):
+        embed = VisionTransformer(image_size=IMG, patch_size=PATCH, hidden_size=C, depth=1,
+                                  num_heads=4, stem=stem).patch_embed
+        with torch.no_grad():
+            delta = (embed(y) - embed(x)).abs().amax(dim=1)[0]  # (h, w)
+        assert torch.nonzero(delta.flatten() > 1e-6).flatten().tolist() == moved
+
+
+def test_conv_stem_shapes_and_errors():
+    enc = VisionTransformer(image_size=IMG, patch_size=PATCH, hidden_size=C, depth=1,
+                            num_heads=4, stem="conv")
+    convs = [m for m in enc.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    # log2(8) = 3 stride-2 convolutions with 8, 16, 32 channels, then a 1x1 projection
+    assert [(m.out_channels, m.stride[0]) for m in convs] == [(8, 2), (16, 2), (32, 2), (C, 1)]
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        VisionTransformer(image_size=36, patch_size=6, hidden_size=C, depth=1, num_heads=4,
+                          stem="conv")
+    with pytest.raises(ValueError, match="stem must be"):
+        VisionTransformer(image_size=IMG, patch_size=PATCH, hidden_size=C, depth=1,
+                          num_heads=4, stem="hybrid")
 
 
 def test_pos_embed_interpolation_native():
