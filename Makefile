@@ -37,10 +37,10 @@ $(STAMP): setup.py pyproject.toml $(LOCK)
 install: $(STAMP)
 
 demo: install
-	$(PY) experiments/sweep.py configs/sweeps/demo.yaml --out results/demo --jobs 3 --only '*-seed0'
+	$(PY) experiments/sweep.py configs/sweeps/demo.yaml --out results/demo --jobs 4 --only '*-seed0'
 
 demo-seeds: install
-	$(PY) experiments/sweep.py configs/sweeps/demo.yaml --out results/demo --jobs 3
+	$(PY) experiments/sweep.py configs/sweeps/demo.yaml --out results/demo --jobs 4
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

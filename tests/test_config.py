@@ -265,10 +265,17 @@ def test_dense_vs_moe_expansion():
 def test_demo_sweep():
     sweep = read_sweep(CONFIGS / "sweeps" / "demo.yaml")
     assert [n for n, _ in sweep.runs] == [f"{v}-seed{s}" for v in ("dense", "moe_topk",
-                                                                   "moe_region_soft")
+                                                                   "moe_region_soft",
+                                                                   "dense_blind")
                                           for s in (0, 1, 2)]
     assert sweep.experiment.name == "multitask.yaml"
     assert sweep.load("moe_topk-seed0").model.variant == "moe_topk"
+    blind, dense = sweep.load("dense_blind-seed1"), sweep.load("dense-seed1")
+    assert blind.data.blind and not dense.data.blind
+    blind, dense = config_to_dict(blind), config_to_dict(dense)
+    for cfg in (blind, dense):
+        cfg.pop("output_dir"), cfg.pop("name"), cfg["data"].pop("blind")
+    assert blind == dense
 
 
 def beside_the_demo(sweep_name: str):

@@ -78,7 +78,7 @@ from echomoe.metrics.harness import (
 from echomoe.metrics.text import tokenize
 from echomoe.metrics.vqa import normalize_answer
 
-__all__ = ["MAX_REPORTS", "PRIOR_NAMES", "prior_result", "prior_results"]
+__all__ = ["MAX_REPORTS", "PRIOR_NAMES", "prior_result", "prior_results", "report_ceiling"]
 
 MAX_REPORTS = 200
 """The most train reports per group among which the report prior's medoid is chosen."""
@@ -332,3 +332,34 @@ def prior_results(train_samples: Any, test_samples: Any, tasks: Sequence[str] = 
     return {name: prior_result(train, test, tasks, by_region=by_region, image_size=image_size,
                                measure_pairs=measure_pairs, seed=seed)
             for name, by_region in PRIOR_NAMES.items()}
+
+
+def report_ceiling(test_samples: Any, *, seed: int = 0, phrasing_seed: int = 1
+                   ) -> EvalResult | None:
+    """What a model that reads every finding right scores on the report metrics of synthetic
+    cases: each test case's own attributes written again by the benchmark's report writer
+    (:func:`~echomoe.data.synthetic.reports.write_report`) with another phrasing and sentence
+    order (``phrasing_seed``).
+
+    Its finding F1 is 1 by construction; its BLEU / ROUGE are the ceiling that the
+    benchmark's paraphrase randomness leaves (a model cannot know which phrasing the reference
+    drew).  Only synthetic cases (a region of ``vocab.ORGANS`` and ``attributes``) are scored;
+    ``None`` when there are none.  ``seed``: the prompt seed, as :func:`prior_result`.
+    """
+    from echomoe.data.synthetic.reports import write_report
+    from echomoe.data.synthetic.vocab import ORGANS
+
+    test = [s for s in _as_samples(test_samples) if s.region in ORGANS and s.attributes]
+    if not test:
+        return None
+    rng = np.random.default_rng(phrasing_seed)
+    examples = build_examples(test, ["report"], seed)
+    for ex in examples:
+        findings, impression = write_report(ex.sample.region, ex.sample.attributes, rng)
+        ex.prediction = f"Findings: {findings} Impression: {impression}"
+        ex.emitted = True
+    score_examples(examples, 1, [])
+    settings = {"prior": "report_ceiling", "tasks": ["report"], "seed": seed,
+                "phrasing_seed": phrasing_seed, "num_samples": len(test)}
+    return EvalResult(summarize(examples, ["report"], len(test)), make_records(examples), {},
+                      settings)

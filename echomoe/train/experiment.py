@@ -11,9 +11,17 @@ evaluate -> save.  ``experiments/train.py`` is a thin command line around :func:
 Writes into ``cfg.output_dir``: ``config.yaml``, ``checkpoints/`` (resumable; ``best``),
 ``metrics.jsonl`` / ``predictions.jsonl`` / ``config.json`` (local logs, in ``logging.dir``
 when set), ``wandb/`` (the W&B run unless disabled), ``eval/`` (final metrics, records, routing
-heatmap), ``model/`` (``save_pretrained`` of model + processor) and ``summary.json`` =
-``{"name", "variant", "seed", "group", "status": "finished", "metrics": {flat overall test
-metrics}, ...}``.
+heatmap), ``eval_oracle/`` (the same with the true regions, for region-routed models),
+``prior_global/`` / ``prior_region/`` (the train-split priors scored on the same test examples,
+:func:`~echomoe.metrics.priors.prior_results`), ``report_ceiling/`` (synthetic data: the true
+findings in another phrasing, :func:`~echomoe.metrics.priors.report_ceiling`), ``model/``
+(``save_pretrained`` of model + processor) and ``summary.json`` = ``{"name", "variant", "seed",
+"group", "status": "finished", "metrics": {flat overall test metrics}, "oracle_metrics",
+"priors": {name: metrics}, "blind", "parameters": {"total", "active", "router"}, ...}``.
+
+The final evaluation follows the fair protocol: the routers see the region the model predicts
+from the image; region-routed models are evaluated a second time with the true regions
+(``oracle_metrics``).  ``data.blind`` withholds every image (the blind baseline).
 
 Periodic evaluation (every ``train.eval_every``) is the teacher-forced loss on up to
 ``eval.num_samples`` cases of ``data.eval_split`` (keys ``eval/loss``, ``eval/loss/<name>``);
@@ -51,7 +59,7 @@ from echomoe.train.logging import RunLogger, jsonable
 
 def load_splits(cfg) -> dict[str, list]:
     """``{split: [UltrasoundSample]}`` from ``cfg.data`` (generated, cached or loaded)."""
-    from echomoe.data.schema import from_hf_dataset
+    from echomoe.data.schema import from_hf_dataset, withhold_images
     from echomoe.data.synthetic.generate import build_dataset_dict, generate, split_indices
 
     d = cfg.data
@@ -62,11 +70,15 @@ def load_splits(cfg) -> dict[str, list]:
         if path is None or not path.exists():
             raise FileNotFoundError(f"data.path {d.path!r} does not exist")
         dataset = load_from_disk(str(path))
-        return {name: from_hf_dataset(dataset[name]) for name in dataset}
-    samples = generate(d.n, d.seed, d.synthetic_config(), d.num_proc)
-    if path is not None:
-        build_dataset_dict(d.n, samples=samples).save_to_disk(str(path))
-    return {name: [samples[i] for i in idx] for name, idx in split_indices(samples).items()}
+        splits = {name: from_hf_dataset(dataset[name]) for name in dataset}
+    else:
+        samples = generate(d.n, d.seed, d.synthetic_config(), d.num_proc)
+        if path is not None:
+            build_dataset_dict(d.n, samples=samples).save_to_disk(str(path))
+        splits = {name: [samples[i] for i in idx] for name, idx in split_indices(samples).items()}
+    if d.blind:
+        splits = {name: withhold_images(split) for name, split in splits.items()}
+    return splits
 
 
 def build_model_and_processor(cfg):
@@ -171,7 +183,9 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     from echomoe.config import config_to_dict, deepspeed_config, save_config
     from echomoe.distributed import init_distributed, save_pretrained_consolidated
     from echomoe.metrics.harness import evaluate_model, write_results
+    from echomoe.metrics.priors import prior_results, report_ceiling
     from echomoe.metrics.routing import routing_heatmap
+    from echomoe.models.builders import count_parameters
     from echomoe.train.checkpoint import seed_everything
     from echomoe.train.loop import MultiTaskBatches, make_loss_eval, train
     from echomoe.train.optim import Stage, apply_lora
@@ -210,7 +224,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         metrics = {f"eval/{k}": v for k, v in loss_eval(m).items()}
         if t.best_metric not in metrics:
             result = evaluate_model(m, processor, eval_samples, e.tasks, e.batch_size,
-                                    e.max_new_tokens, progress=False)
+                                    e.max_new_tokens, progress=False, closed=e.closed)
             metrics.update({f"eval/{k}": v for k, v in result.metrics["overall"].items()})
         return metrics
 
@@ -240,11 +254,30 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
 
         test_samples = splits[cfg.data.test_split][:e.num_samples]
         result = evaluate_model(model, processor, test_samples, e.tasks, e.batch_size,
-                                e.max_new_tokens, progress=progress, seed=t.seed)
+                                e.max_new_tokens, progress=progress, seed=e.seed,
+                                closed=e.closed)
         step = len(history) and history[-1]["step"]
         logger.log_eval(step, result.metrics, prefix="test/")
+        # Region-routed models also run the oracle protocol (true regions), reported apart.
+        oracle = None
+        if model.routes_by_region:
+            oracle = evaluate_model(model, processor, test_samples, e.tasks, e.batch_size,
+                                    e.max_new_tokens, progress=progress, seed=e.seed,
+                                    regions="given", closed=e.closed)
+        priors = prior_results(splits[cfg.data.train_split], test_samples, e.tasks,
+                               image_size=model.config.image_size,
+                               measure_pairs=model.config.grounding_config["measure_pairs"],
+                               seed=e.seed)
+        if "report" in e.tasks and (ceiling := report_ceiling(test_samples, seed=e.seed)):
+            priors["report_ceiling"] = ceiling
+        if oracle is not None:
+            logger.log_eval(step, oracle.metrics, prefix="test_oracle/")
         if main:
             write_results(result, out / "eval")
+            if oracle is not None:
+                write_results(oracle, out / "eval_oracle")
+            for name, prior in priors.items():
+                write_results(prior, out / name)
         if result.routing and main:
             heatmap = routing_heatmap(result.routing, list(model.config.regions),
                                       path=out / "eval" / "routing.png", title=cfg.name)
@@ -264,6 +297,10 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         "name": cfg.name, "variant": cfg.model.variant, "seed": t.seed, "group": lg.group,
         "status": "finished" if not history.interrupted else "interrupted",
         "metrics": jsonable(result.metrics["overall"]),
+        "oracle_metrics": None if oracle is None else jsonable(oracle.metrics["overall"]),
+        "priors": {name: jsonable(p.metrics["overall"]) for name, p in priors.items()},
+        "blind": cfg.data.blind,
+        "parameters": count_parameters(model),
         "steps": step, "best": history.best, "train_loss": history[-1]["loss"],
         "output_dir": str(out), "model_dir": str(out / "model"),
         "wandb_dir": str(logger.run_dir) if logger.run_dir else None,

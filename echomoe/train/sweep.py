@@ -286,17 +286,28 @@ def sweep_results(sweep_path: str | os.PathLike, out_dir: str | os.PathLike | No
 
 def sweep_group_by(sweep_path: str | os.PathLike) -> tuple[str, ...]:
     """Table grouping for a sweep: ``group``, then every axis other than the variant and seed
-    axes (e.g. ``family``), then ``variant``."""
+    axes (e.g. ``family``; a named axis called ``variant`` counts as the variant axis), then
+    ``variant``."""
     sweep = read_sweep(sweep_path)
-    others = [a for a, _ in sweep.axes if a not in (_SEED_KEY, _VARIANT_KEY)]
+    others = [a for a, _ in sweep.axes if a not in (_SEED_KEY, _VARIANT_KEY, "variant")]
     return ("group", *others, "variant")
 
 
 # ----------------------------------------------------------------------------- tables
 
 
+def run_label(summary: dict[str, Any]) -> str:
+    """The name a run is tabulated under: its variant, ``"<variant> (blind)"`` for a run whose
+    images were withheld (``data.blind``), so blind runs never pool with their variant."""
+    variant = str(summary.get("variant"))
+    return f"{variant} (blind)" if summary.get("blind") else variant
+
+
 def _key(summary: dict[str, Any], name: str) -> Any:
-    """``summary[name]``, falling back to ``summary["axes"][name]``."""
+    """``summary[name]`` (``variant``: :func:`run_label`), falling back to
+    ``summary["axes"][name]``."""
+    if name == "variant" and "variant" in summary:
+        return run_label(summary)
     if name in summary:
         return summary[name]
     return (summary.get("axes") or {}).get(name)
@@ -450,7 +461,10 @@ def write_results(summaries: Sequence[dict[str, Any]], out_dir: str | os.PathLik
                   metrics: Sequence[str] | None = None,
                   group_by: Sequence[str] = ("group", "variant"),
                   plots: bool = True) -> dict[str, Any]:
-    """Write ``results.csv``, ``results.md`` and ``plots/<metric>.png`` into ``out_dir``.
+    """Write ``results.csv``, ``results.md``, ``plots/<metric>.png`` and, when the runs carry
+    priors (:func:`~echomoe.train.experiment.run_experiment` runs), ``comparison.md``
+    (:func:`~echomoe.train.comparison.comparison_markdown`, against ``dense`` when present)
+    into ``out_dir``.
 
     Returns ``{"csv": path, "markdown": path, "plots": [paths], "rows": results_table(...)}``.
     """
@@ -460,6 +474,13 @@ def write_results(summaries: Sequence[dict[str, Any]], out_dir: str | os.PathLik
     md = out / "results.md"
     md.write_text(results_markdown(summaries, metrics, group_by))
     rows = results_table(summaries, metrics, group_by)
+    done = [s for s in summaries if _is_finished(s)]
+    if done and all(s.get("priors") for s in done):
+        from echomoe.train.comparison import comparison_markdown
+
+        reference = "dense" if any(run_label(s) == "dense" for s in done) else run_label(done[0])
+        (out / "comparison.md").write_text(
+            "# Comparison\n\n" + comparison_markdown(done, reference=reference))
     pngs = []
     if plots:
         for metric in dict.fromkeys(r["metric"] for r in rows):

@@ -5,7 +5,9 @@
 
 Replaces the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` where ``NAME`` is
 the JSON's ``benchmark`` field (``moe_layer``, ``train_step``, ``decode``, ``synthetic_data``),
-or ``demo`` for the headline metrics of a demo sweep's ``summary.json`` files.
+or, with ``--demo``, the demo blocks the README has, from a demo sweep's ``summary.json`` files:
+``demo`` (headline metrics of seed 0), ``demo_seeds`` (over seeds) and ``demo_comparison``
+(priors, blind runs, significance and per-region tables).
 """
 
 from __future__ import annotations
@@ -108,6 +110,17 @@ def render_demo_seeds(runs: list[dict]) -> str:
     return _demo_table(["variant", "seeds"], body, "mean ± sample std over the seeds listed")
 
 
+def render_comparison(runs: list[dict]) -> str:
+    """Priors, blind and variant rows, significance against ``dense`` and per-region tables
+    (:func:`echomoe.train.comparison.comparison_markdown`) of the finished ``runs``."""
+    from echomoe.train.comparison import comparison_markdown
+
+    regions = [("report", "bleu1"), ("vqa", "closed_accuracy"), ("diagnosis", "accuracy"),
+               ("segment", "dice")]
+    return comparison_markdown(runs, reference="dense", region_metrics=regions,
+                               heading="####")
+
+
 def replace_block(readme: Path, name: str, body) -> None:
     """Put ``body()`` between the README's ``<!-- name:start -->`` and ``<!-- name:end -->``
     (the markers are checked first)."""
@@ -118,6 +131,22 @@ def replace_block(readme: Path, name: str, body) -> None:
         raise ValueError(f"{readme} has no {start} ... {end} block")
     new = body()
     readme.write_text(pattern.sub(lambda _: f"{start}\n{new}\n{end}", text))
+
+
+def update_demo(readme: Path, runs: list[dict]) -> None:
+    """Regenerate the demo blocks the README has: ``demo`` (seed 0), ``demo_seeds`` (when the
+    runs have several seeds) and ``demo_comparison`` (when the runs carry priors)."""
+    text = readme.read_text()
+    blocks = {"demo": (True, render_demo),
+              "demo_seeds": (has_several_seeds(runs), render_demo_seeds),
+              "demo_comparison": (all(r.get("priors") for r in runs), render_comparison)}
+    present = [name for name in blocks if f"<!-- {name}:start -->" in text]
+    if not present:
+        raise ValueError(f"{readme} has none of the blocks {', '.join(blocks)}")
+    for name in present:
+        wanted, render_block = blocks[name]
+        if wanted:
+            replace_block(readme, name, lambda r=render_block: r(runs))
 
 
 def update(readme: Path, payload: dict) -> None:
@@ -135,10 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readme", default=str(Path(__file__).parents[2] / "README.md"))
     args = parser.parse_args(argv)
     if args.demo:
-        runs = finished_runs(Path(args.demo))
-        replace_block(Path(args.readme), "demo", lambda: render_demo(runs))
-        if has_several_seeds(runs):
-            replace_block(Path(args.readme), "demo_seeds", lambda: render_demo_seeds(runs))
+        update_demo(Path(args.readme), finished_runs(Path(args.demo)))
         print(f"updated {args.readme} from {args.demo}")
     for path in args.json:
         update(Path(args.readme), json.loads(Path(path).read_text()))

@@ -13,7 +13,7 @@ from echomoe.data.synthetic.generate import SyntheticConfig, generate
 from echomoe.data.tasks import TASKS
 from echomoe.data.tokenizer import IMAGE_TOKEN
 from echomoe.metrics.harness import TASK_METRICS, build_examples
-from echomoe.metrics.priors import prior_result, prior_results
+from echomoe.metrics.priors import prior_result, prior_results, report_ceiling
 from echomoe.metrics.vqa import normalize_answer
 
 PAIRS = [(0, 1), (2, 3)]
@@ -254,3 +254,23 @@ def test_a_datasets_dataset_gives_the_same_result(data):
         r["prediction"] for r in from_lists.records]
     assert from_datasets.metrics["overall"] == pytest.approx(from_lists.metrics["overall"],
                                                             nan_ok=True)
+
+
+# ----------------------------------------------------------------------------- report ceiling
+def test_report_ceiling_has_every_finding_but_not_the_phrasing(data, priors):
+    _, test = data
+    ceiling = report_ceiling(test)
+    overall = ceiling.metrics["overall"]
+    # the true attributes: every finding is found; another phrasing: BLEU-1 well below 1, and
+    # above the per-region prior's (which guesses the findings)
+    assert overall["report/finding_f1_micro"] == pytest.approx(1.0)
+    assert 0.4 < overall["report/bleu1"] < 0.9
+    assert overall["report/bleu1"] > priors["prior_region"].metrics["overall"]["report/bleu1"]
+    assert [r["reference"] for r in ceiling.records] == [
+        ex.reference for ex in build_examples(test, ["report"], 0)]
+    assert all(r["prediction"] != r["reference"] for r in ceiling.records)
+    # the same phrasing seed rewrites the same text; real (non-synthetic) cases are skipped
+    texts = [r["prediction"] for r in ceiling.records]
+    assert [r["prediction"] for r in report_ceiling(test).records] == texts
+    assert [r["prediction"] for r in report_ceiling(test, phrasing_seed=2).records] != texts
+    assert report_ceiling([_case(0, findings="a cyst")]) is None

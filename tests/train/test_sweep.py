@@ -28,13 +28,26 @@ DENSE_VS_MOE = ROOT / "configs" / "sweeps" / "dense_vs_moe.yaml"
 
 @pytest.fixture
 def demo(tmp_path) -> Path:
-    """The demo sweep at one seed: 3 runs (what `make demo` selects with --only '*-seed0')."""
+    """The demo sweep at one seed: 4 runs (what `make demo` selects with --only '*-seed0')."""
     data = yaml.safe_load(DEMO.read_text())
     data["experiment"] = str((DEMO.parent / data["experiment"]).resolve())
     data["grid"]["train.seed"] = [0]
     path = tmp_path / "sweep" / "demo.yaml"
     path.parent.mkdir()
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def plain_demo(tmp_path) -> Path:
+    """The demo's three variants as a plain ``model.variant`` list axis (one W&B grid)."""
+    data = yaml.safe_load(DEMO.read_text())
+    data["experiment"] = str((DEMO.parent / data["experiment"]).resolve())
+    data["grid"] = {"model.variant": ["dense", "moe_topk", "moe_region_soft"],
+                    "train.seed": [0]}
+    path = tmp_path / "plain" / "demo.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -64,8 +77,10 @@ class FakeRun:
 
 def test_expansion_counts_dry_run(tmp_path):
     demo = run_sweep(DEMO, out_dir=tmp_path, dry_run=True, only=["*-seed0"])  # `make demo`
-    assert [r["run"] for r in demo] == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
-    assert len(run_sweep(DEMO, out_dir=tmp_path, dry_run=True)) == 9  # `make demo-seeds`
+    assert [r["run"] for r in demo] == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0",
+                                        "dense_blind-seed0"]
+    assert len(run_sweep(DEMO, out_dir=tmp_path, dry_run=True)) == 12  # `make demo-seeds`
+    assert sweep_group_by(DEMO) == ("group", "variant")
     assert all(r["status"] == "pending" for r in demo)
     assert _value(demo[0]["overrides"], "output_dir") == str(tmp_path / "dense-seed0")
     big = run_sweep(DENSE_VS_MOE, out_dir=tmp_path, dry_run=True)
@@ -78,15 +93,16 @@ def test_expansion_counts_dry_run(tmp_path):
 def test_resumable_skips_finished_runs(tmp_path, demo):
     fake = FakeRun()
     first = run_sweep(demo, out_dir=tmp_path, run_fn=fake)
-    assert fake.calls == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
-    assert [r["status"] for r in first] == ["finished"] * 3
+    assert fake.calls == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0",
+                          "dense_blind-seed0"]
+    assert [r["status"] for r in first] == ["finished"] * 4
     again = run_sweep(demo, out_dir=tmp_path, run_fn=fake)
-    assert len(fake.calls) == 3  # nothing re-run
+    assert len(fake.calls) == 4  # nothing re-run
     assert [r["metrics"] for r in again] == [r["metrics"] for r in first]
     # an unfinished run is picked up again; --only restricts the sweep
     (tmp_path / "moe_topk-seed0" / "summary.json").unlink()
     run_sweep(demo, out_dir=tmp_path, run_fn=fake, only=["moe_*"])
-    assert fake.calls[3:] == ["moe_topk-seed0"]
+    assert fake.calls[4:] == ["moe_topk-seed0"]
     assert all(r["status"] == "finished" for r in run_sweep(demo, out_dir=tmp_path, dry_run=True))
     with pytest.raises(ValueError, match="matches no run"):
         run_sweep(demo, out_dir=tmp_path, run_fn=fake, only=["nope"])
@@ -95,13 +111,15 @@ def test_resumable_skips_finished_runs(tmp_path, demo):
 def test_failed_run_is_recorded_and_sweep_continues(tmp_path, demo):
     fake = FakeRun(fail={"moe_topk-seed0"})
     runs = run_sweep(demo, out_dir=tmp_path, run_fn=fake)
-    assert fake.calls == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
-    assert [r["status"] for r in runs] == ["finished", "failed", "finished"]
+    assert fake.calls == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0",
+                          "dense_blind-seed0"]
+    assert [r["status"] for r in runs] == ["finished", "failed", "finished", "finished"]
     saved = json.loads((tmp_path / "moe_topk-seed0" / "summary.json").read_text())
     assert saved["status"] == "failed" and "RuntimeError: boom" in saved["error"]
     assert saved["variant"] == "moe_topk" and saved["seed"] == 0 and saved["group"] == "demo"
     # a run_fn that returns without a summary is a failure too
-    runs = run_sweep(demo, out_dir=tmp_path / "x", run_fn=lambda name, ov: None, only=["dense*"])
+    runs = run_sweep(demo, out_dir=tmp_path / "x", run_fn=lambda name, ov: None,
+                     only=["dense-*"])
     assert runs[0]["status"] == "failed" and "summary.json" in runs[0]["error"]
     # the failed run is retried next time
     fixed = FakeRun()
@@ -113,15 +131,16 @@ def test_parallel_jobs_run_in_worker_processes_and_record_failures(tmp_path, dem
     fake = FakeRun(fail={"moe_topk-seed0"})
     runs = run_sweep(demo, out_dir=tmp_path, run_fn=fake, jobs=2)
     assert fake.calls == []  # the calls happened in the workers, on copies of fake
-    assert [r["run"] for r in runs] == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0"]
-    assert [r["status"] for r in runs] == ["finished", "failed", "finished"]
+    assert [r["run"] for r in runs] == ["dense-seed0", "moe_topk-seed0", "moe_region_soft-seed0",
+                                        "dense_blind-seed0"]
+    assert [r["status"] for r in runs] == ["finished", "failed", "finished", "finished"]
     assert "RuntimeError: boom in moe_topk-seed0" in runs[1]["error"]
     assert runs[0]["metrics"] == {"eval/dice": 0.5}
     assert json.loads((tmp_path / "dense-seed0" / "summary.json").read_text())["seed"] == 0
     # resumable as before: only the failed run is left, and one pending run runs in-process
     again = FakeRun()
     assert [r["status"] for r in run_sweep(demo, out_dir=tmp_path, run_fn=again, jobs=2)] == \
-        ["finished"] * 3
+        ["finished"] * 4
     assert again.calls == ["moe_topk-seed0"]
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         run_sweep(demo, out_dir=tmp_path, run_fn=again, jobs=0)
@@ -180,8 +199,10 @@ def test_tables_group_by_axis_and_collect(tmp_path):
     assert (tmp_path / "plots" / "eval_dice.png").is_file()
 
 
-def test_wandb_sweep_yaml(tmp_path, demo):
-    cfg = wandb_sweep_yaml(demo)
+def test_wandb_sweep_yaml(tmp_path, demo, plain_demo):
+    assert list(wandb_sweep_yamls(demo)) == ["dense", "moe_topk", "moe_region_soft",
+                                             "dense_blind"]  # a named axis: one per label
+    cfg = wandb_sweep_yaml(plain_demo)
     assert cfg["method"] == "grid" and cfg["program"] == "experiments/train.py"
     assert cfg["parameters"] == {"model.variant": {"values": ["dense", "moe_topk",
                                                               "moe_region_soft"]},
@@ -194,7 +215,7 @@ def test_wandb_sweep_yaml(tmp_path, demo):
     assert "eval.max_new_tokens=16" in big["vqa"]["command"]
     with pytest.raises(ValueError, match="named axes"):
         wandb_sweep_yaml(DENSE_VS_MOE)
-    paths = write_wandb_sweep(demo, tmp_path / "wandb.yaml")
+    paths = write_wandb_sweep(plain_demo, tmp_path / "wandb.yaml")
     assert yaml.safe_load(paths[0].read_text()) == cfg
     assert len(write_wandb_sweep(DENSE_VS_MOE, tmp_path / "w.yaml")) == 4
 
@@ -206,15 +227,15 @@ def _cli():
     return module.main
 
 
-def test_cli(tmp_path, demo, capsys):
+def test_cli(tmp_path, demo, plain_demo, capsys):
     main = _cli()
     assert main([str(demo), "--out", str(tmp_path), "--dry-run"]) == 0
-    assert "3 runs, 0 finished, 3 to run" in capsys.readouterr().out
+    assert "4 runs, 0 finished, 4 to run" in capsys.readouterr().out
     fake = FakeRun(fail={"moe_region_soft-seed0"})
     assert main([str(demo), "--out", str(tmp_path)], run_fn=fake) == 1
     assert (tmp_path / "results.md").is_file() and (tmp_path / "results.csv").is_file()
     assert main([str(demo), "--out", str(tmp_path), "--tables-only"]) == 0
     assert "| eval/dice | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |" in capsys.readouterr().out
-    assert main([str(demo), "--emit-wandb", str(tmp_path / "w.yaml")]) == 0
+    assert main([str(plain_demo), "--emit-wandb", str(tmp_path / "w.yaml")]) == 0
     assert yaml.safe_load((tmp_path / "w.yaml").read_text())["method"] == "grid"
     assert main([str(demo), "--only", "nope"]) == 1
