@@ -44,10 +44,15 @@ setup(
         "matplotlib>=3.11",
         "numpy>=2.4",
         "peft>=0.21,<0.22",
+        "pydicom>=3.0,<3.1",  # DICOM, with the decoders of its compressed transfer syntaxes:
+        "pylibjpeg>=2.1",  # JPEG baseline / lossless (libjpeg) and JPEG 2000 (openjpeg)
+        "pylibjpeg-libjpeg>=2.5",
+        "pylibjpeg-openjpeg>=2.6",
     ],
     extras_require={
         "dev": [
             "pytest>=9.2",
+            "pydicom-data>=1.0",  # real ultrasound DICOM files for the tests
             "pytest-xdist>=3.8",
             "hypothesis>=6.170",
             "nbmake>=1.5.5",

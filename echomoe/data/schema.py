@@ -119,13 +119,14 @@ def withhold_images(samples: list[UltrasoundSample], value: int = 0) -> list[Ult
 
 
 def load_grayscale(path: str | Path) -> np.ndarray:
-    """Read an image file as ``(H, W)`` uint8 grayscale; the error names the file."""
-    from PIL import Image, UnidentifiedImageError
+    """Read an image file (any PIL format, or DICOM: its first frame) as ``(H, W)`` uint8,
+    deeper pixels rescaled, not clipped (:mod:`echomoe.data.pixels`); the error names the
+    file."""
+    from echomoe.data.pixels import read_grayscale
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"), dtype=np.uint8).copy()
-    except (OSError, UnidentifiedImageError) as err:
+        return read_grayscale(path)
+    except (OSError, ValueError, RuntimeError, NotImplementedError) as err:
         raise ValueError(f"{path}: cannot read image ({err})") from err
 
 

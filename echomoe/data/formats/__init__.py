@@ -5,6 +5,7 @@ Every loader returns a :class:`LoadResult` (iterable over its samples) and takes
 record; ``False`` skips bad records and lists them in :attr:`LoadResult.skipped`.
 
 * :func:`load_echovlm_json` -- EchoVLM / LLaVA conversation JSON
+* :func:`load_dicom` -- DICOM files or folders (:func:`read_dicom`: frames, spacing, regions)
 * :func:`load_busi` -- BUSI ``{benign,malignant,normal}/`` folders with ``_mask`` files
 * :func:`load_fmuia_csv` -- FM_UIA 2026 challenge CSVs
 * :func:`load_hc18` -- HC18 fetal head ellipse annotations + pixel size / HC CSV
@@ -12,6 +13,7 @@ record; ``False`` skips bad records and lists them in :attr:`LoadResult.skipped`
 """
 
 from echomoe.data.formats.busi import load_busi
+from echomoe.data.formats.dicom import DicomImage, load_dicom, read_dicom
 from echomoe.data.formats.echovlm import load_echovlm_json, split_report
 from echomoe.data.formats.errors import (
     CorruptImageError,
@@ -37,6 +39,7 @@ from echomoe.data.schema import UnknownRegionError
 
 __all__ = [
     "CorruptImageError",
+    "DicomImage",
     "DuplicateIdError",
     "FormatError",
     "ImageTagMismatchError",
@@ -53,9 +56,11 @@ __all__ = [
     "UnknownFieldError",
     "UnknownRegionError",
     "load_busi",
+    "load_dicom",
     "load_echovlm_json",
     "load_fmuia_csv",
     "load_hc18",
     "load_jsonl",
+    "read_dicom",
     "split_report",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from echomoe.data.pixels import is_dicom, read_grayscale
 from echomoe.data.schema import REGIONS, UltrasoundSample, UnknownRegionError
 
 
@@ -227,11 +228,14 @@ def _open_error(path: Path, what: str, err: Exception) -> CorruptImageError:
 
 
 def verify_image(path: Path, what: str = "image") -> tuple[int, int]:
-    """Check that ``path`` exists and is a decodable image; return its ``(width, height)``."""
+    """Check that ``path`` exists and is a decodable image (any PIL format, or DICOM); return
+    its ``(width, height)``."""
     from PIL import Image
 
     if not path.is_file():
         raise MissingImageError(f"{what} file {str(path)!r} does not exist")
+    if is_dicom(path):
+        return _dicom_size(path, what)
     try:
         with Image.open(path) as im:
             size = im.size
@@ -241,17 +245,32 @@ def verify_image(path: Path, what: str = "image") -> tuple[int, int]:
     return size
 
 
+def _dicom_size(path: Path, what: str) -> tuple[int, int]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.Columns), int(ds.Rows)
+    except Exception as err:  # InvalidDicomError, a missing Rows / Columns, ...
+        raise _open_error(path, what, err) from err
+
+
 def read_image(path: Path, what: str = "image", mode: str = "L") -> np.ndarray:
-    """``path`` decoded as a uint8 array (grayscale ``(H, W)`` for ``mode="L"``)."""
+    """``path`` decoded as a uint8 array (grayscale ``(H, W)`` for ``mode="L"``): any PIL
+    format or DICOM (its first frame), deeper pixels rescaled to uint8, never clipped
+    (:mod:`echomoe.data.pixels`).  ``mode="label"``: integer label maps keep their values."""
     from PIL import Image
 
     if not path.is_file():
         raise MissingImageError(f"{what} file {str(path)!r} does not exist")
     try:
-        with Image.open(path) as im:
-            if mode == "label" and im.mode in ("L", "P", "I", "I;16", "1"):
-                return np.asarray(im).astype(np.int64)
-            return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+        if mode == "label" and not is_dicom(path):
+            with Image.open(path) as im:
+                if im.mode in ("L", "P", "I", "I;16", "1"):
+                    return np.asarray(im).astype(np.int64)
+        return read_grayscale(path)
+    except FormatError:
+        raise
     except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ...
         raise _open_error(path, what, err) from err
 

@@ -1,0 +1,126 @@
+"""Pixel depths and files: every image becomes uint8 by *rescaling* its nominal range, never by
+clipping, and DICOM files are recognised wherever an image path is read.
+
+The model's input range is uint8 ``[0, 255]``.  Deeper images are mapped linearly from their
+nominal range (:func:`to_uint8`):
+
+=========================== ===============================================================
+uint8                       unchanged
+unsigned ``b``-bit          ``round(v * 255 / (2**b - 1))``; ``b`` is the depth the file
+(uint16, uint32)            declares (DICOM ``BitsStored``; 16 for 16-bit PNG / TIFF), so a
+                            12-bit scan stored in 16-bit words keeps its full contrast
+signed integers             shifted by ``2**(b-1)`` first (DICOM ``PixelRepresentation`` 1)
+float, int32 images (PIL    ``(v - min) * 255 / (max - min)`` of the image itself (their
+``I`` / ``F`` modes)        nominal range is unknown); a constant image becomes 0
+bool                        ``{0, 255}``
+=========================== ===============================================================
+
+:func:`read_grayscale` and :func:`read_color` open any image file PIL reads, and DICOM (by
+its ``DICM`` preamble, whatever the extension, through
+:func:`echomoe.data.formats.dicom.read_dicom`: the first frame).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["is_dicom", "read_color", "read_grayscale", "to_grayscale", "to_uint8"]
+
+# ITU-R BT.601 luma weights: they sum to 1, so a gray pixel (R = G = B) keeps its value, which
+# keeps the B-mode intensities of colour ultrasound frames (overlays aside).
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def to_uint8(array: np.ndarray, bits: int | None = None, *, signed: bool = False) -> np.ndarray:
+    """``array`` rescaled to uint8 (see the module docstring).
+
+    Args:
+        array: integer, float or bool pixels of any shape.
+        bits: the nominal depth of integer pixels (default: the dtype's width; 8 for uint8).
+        signed: the integers are two's complement ``bits``-bit values (shifted to unsigned).
+
+    Raises:
+        ValueError: ``bits`` outside ``1 .. 32``, or a complex / object array.
+    """
+    a = np.asarray(array)
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if a.dtype.kind == "f":
+        finite = a[np.isfinite(a)]
+        if finite.size == 0:
+            return np.zeros(a.shape, np.uint8)
+        lo, hi = float(finite.min()), float(finite.max())
+        scaled = (np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo) - lo) / max(hi - lo, 1e-12)
+        return np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"cannot convert {a.dtype} pixels to uint8")
+    bits = a.dtype.itemsize * 8 if bits is None else int(bits)
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bits must be in 1..32, got {bits}")
+    if a.dtype == np.uint8 and bits == 8:
+        return a
+    v = a.astype(np.int64)
+    if signed or a.dtype.kind == "i":
+        v = v + (1 << (bits - 1))
+    top = (1 << bits) - 1
+    return np.round(np.clip(v, 0, top) * (255.0 / top)).astype(np.uint8)
+
+
+def to_grayscale(array: np.ndarray) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 3|4)`` uint8 -> ``(H, W)`` uint8 (BT.601 luma; alpha ignored)."""
+    a = np.asarray(array)
+    if a.ndim == 2:
+        return a
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        return np.round(a[..., :3].astype(np.float64) @ _LUMA).clip(0, 255).astype(np.uint8)
+    raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {a.shape}")
+
+
+def is_dicom(path: str | Path) -> bool:
+    """Whether ``path`` is a DICOM file (``DICM`` after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _pil_array(im, gray: bool) -> np.ndarray:
+    """A PIL image as uint8 ``(H, W)`` (``gray``) or ``(H, W)`` / ``(H, W, 3)``; 16-bit, 32-bit
+    and float modes are rescaled (:func:`to_uint8`), never clipped as ``convert("L")`` does."""
+    if im.mode in _DEEP_MODES:
+        a = np.asarray(im)
+        return to_uint8(a.astype(np.uint16), 16) if im.mode.startswith("I;16") \
+            else to_uint8(a.astype(np.float64))
+    if gray or im.mode in ("1", "L"):
+        return np.asarray(im.convert("L"), dtype=np.uint8).copy()  # PIL's BT.601 luma
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _read(path: Path, gray: bool) -> np.ndarray:
+    if is_dicom(path):
+        from echomoe.data.formats.dicom import read_dicom
+
+        return read_dicom(path, grayscale=gray, frames=[0]).frames[0]
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return _pil_array(im, gray)
+
+
+def read_grayscale(path: str | Path) -> np.ndarray:
+    """An image file (PNG, JPEG, TIFF, ..., or DICOM) as ``(H, W)`` uint8.
+
+    Raises whatever the decoder raises (callers wrap it with the file's name)."""
+    return _read(Path(path), gray=True)
+
+
+def read_color(path: str | Path) -> np.ndarray:
+    """An image file as uint8, ``(H, W)`` for grayscale sources, ``(H, W, 3)`` for colour."""
+    return _read(Path(path), gray=False)
