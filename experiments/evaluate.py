@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--regions", choices=("predicted", "given"), default="predicted",
                         help="route with the region the model predicts (default, fair) or with "
                              "each sample's true region (the oracle)")
+    parser.add_argument("--language", choices=("auto", "en", "zh"), default="auto",
+                        help="text-metric tokenisation: zh = CJK character level; auto = zh "
+                        "when a reference has CJK ideographs (default)")
     parser.add_argument("--closed", choices=("rank", "generate"), default="rank",
                         help="answer closed questions and diagnoses with the most likely option "
                              "(default) or with the free generation")
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate_model(
         model, processor, samples, tasks=args.tasks, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, seed=args.seed,
-        regions=args.regions, closed=args.closed,
+        regions=args.regions, closed=args.closed, language=args.language,
     )
     result.settings["model"] = args.checkpoint or f"{args.preset}/{args.variant}"
     result.settings["data"] = args.data or f"synthetic:{args.synthetic}"

@@ -192,7 +192,9 @@ class EvalSection:
     of the split (``None``: all), ``max_new_tokens`` per generation, ``seed`` for the prompt
     phrasing (the same for every run by default, so that runs are scored on identical examples
     and can be compared case by case), ``closed``: ``rank`` answers closed questions and
-    diagnoses with their most likely option, ``generate`` with the free generation
+    diagnoses with their most likely option, ``generate`` with the free generation, and
+    ``language`` the text metrics' tokenisation (``auto``: CJK character level when the
+    references have ideographs; ``en``; ``zh``)
     (:func:`~echomoe.metrics.harness.evaluate_model`)."""
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -201,6 +203,7 @@ class EvalSection:
     num_samples: int | None = None
     seed: int = 0
     closed: str = "rank"
+    language: str = "auto"
 
 
 @dataclass
@@ -244,6 +247,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16"),
     "logging.mode": ("online", "offline", "disabled"),
     "eval.closed": ("rank", "generate"),
+    "eval.language": ("auto", "en", "zh"),
 }
 """Allowed values of the string fields that are enumerations."""
 

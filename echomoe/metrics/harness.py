@@ -86,7 +86,7 @@ from echomoe.metrics.keypoints import measurement_error, radial_error
 from echomoe.metrics.ranking import closed_options, rank_options
 from echomoe.metrics.routing import RoutingAccumulator
 from echomoe.metrics.segmentation import dice, hd95, iou
-from echomoe.metrics.text import bleu, report_metrics
+from echomoe.metrics.text import LANGUAGES, bleu, report_metrics, resolve_language
 from echomoe.metrics.vqa import vqa_metrics
 
 GROUNDING_TOKENS: dict[str, str] = {"segment": SEG_TOKEN, "detect": DET_TOKEN,
@@ -336,9 +336,9 @@ def _score_grounding(ex: _Example, image_size: int, measure_pairs: list[tuple[in
                              measurement_rel_pct=float(np.mean(m["rel_pct"])))
 
 
-def _score_text(ex: _Example) -> None:
+def _score_text(ex: _Example, language: str) -> None:
     if ex.task == "vqa":
-        v = vqa_metrics([ex.prediction], [ex.reference], [ex.qa_type])
+        v = vqa_metrics([ex.prediction], [ex.reference], [ex.qa_type], language=language)
         ex.scores.update(exact_match=v["exact_match"], token_f1=v["token_f1"])
         if ex.qa_type in ("yes_no", "choice"):
             ex.scores["correct"] = v["closed_accuracy"]
@@ -347,12 +347,12 @@ def _score_text(ex: _Example) -> None:
         ex.scores.update(label=label, correct=float(label == ex.reference))
     elif ex.task == "report":
         # Sentence-level BLEU-1 (the per-case counterpart of corpus BLEU-1, for paired tests).
-        ex.scores["bleu1"] = bleu([ex.prediction], [ex.reference])["bleu1"]
+        ex.scores["bleu1"] = bleu([ex.prediction], [ex.reference], language=language)["bleu1"]
         ex.scores.update(_report_clinical([ex]))
 
 
 def score_examples(examples: list[_Example], image_size: int,
-                   measure_pairs: Sequence[Sequence[int]]) -> None:
+                   measure_pairs: Sequence[Sequence[int]], *, language: str = "auto") -> None:
     """Fill each example's per-sample ``scores`` from its ``prediction`` / ``ground`` outputs.
 
     ``ground`` holds one row of ``model.ground``'s output (numpy): ``masks`` ``(S, S)`` with
@@ -360,14 +360,15 @@ def score_examples(examples: list[_Example], image_size: int,
     pixels, ``measurements_mm`` ``(P,)`` for ``measure_pairs``, and the ``has_*`` flags.  A
     missing mask counts as empty and a missing box as a zero box; without ``[KPT]`` (possible
     only with ``force_task_token=False``) keypoint and measurement errors are NaN (left out of
-    the means; ``task_token_rate`` shows the coverage).
+    the means; ``task_token_rate`` shows the coverage).  ``language`` tokenises the text
+    scores (:func:`~echomoe.metrics.text.tokenize`).
     """
     pairs = [(int(a), int(b)) for a, b in measure_pairs]
     for ex in examples:
         if ex.task in GROUNDING_TOKENS:
             _score_grounding(ex, image_size, pairs)
         else:
-            _score_text(ex)
+            _score_text(ex, language)
 
 
 def make_records(examples: list[_Example]) -> list[dict[str, Any]]:
@@ -418,15 +419,15 @@ def _diagnosis_summary(rows: list[_Example]) -> dict[str, float]:
             "parse_rate": float(np.mean([p is not None for p in preds]))}
 
 
-def _task_summary(task: str, rows: list[_Example]) -> dict[str, float]:
+def _task_summary(task: str, rows: list[_Example], language: str) -> dict[str, float]:
     out: dict[str, float] = {"n": len(rows)}
     if task == "report":
         preds, refs = [r.prediction for r in rows], [r.reference for r in rows]
-        out.update(report_metrics(preds, refs))
+        out.update(report_metrics(preds, refs, language=language))
         out.update(_report_clinical(rows))
     elif task == "vqa":
         v = vqa_metrics([r.prediction for r in rows], [r.reference for r in rows],
-                        [r.qa_type for r in rows])
+                        [r.qa_type for r in rows], language=language)
         out.update({k: v[k] for k in TASK_METRICS["vqa"]})
     elif task == "diagnosis":
         out.update(_diagnosis_summary(rows))
@@ -445,19 +446,21 @@ def _task_summary(task: str, rows: list[_Example]) -> dict[str, float]:
     return {k: out.get(k, math.nan) for k in ("n", *TASK_METRICS[task])}
 
 
-def summarize(examples: list[_Example], tasks: Sequence[str], num_samples: int) -> dict:
-    """``{"overall", "per_task", "per_region"}`` (see :class:`EvalResult`)."""
+def summarize(examples: list[_Example], tasks: Sequence[str], num_samples: int, *,
+              language: str = "auto") -> dict:
+    """``{"overall", "per_task", "per_region"}`` (see :class:`EvalResult`); ``language``
+    tokenises the text metrics."""
     per_task, per_region = {}, {}
     regions = sorted({ex.sample.region for ex in examples})
     for task in tasks:
         rows = [ex for ex in examples if ex.task == task]
         if not rows:
             continue
-        per_task[task] = _task_summary(task, rows)
+        per_task[task] = _task_summary(task, rows, language)
         for region in regions:
             subset = [ex for ex in rows if ex.sample.region == region]
             if subset:
-                per_region.setdefault(region, {})[task] = _task_summary(task, subset)
+                per_region.setdefault(region, {})[task] = _task_summary(task, subset, language)
     overall: dict[str, float] = {"num_samples": num_samples, "num_examples": len(examples)}
     for task, values in per_task.items():
         overall.update({f"{task}/{k}": v for k, v in values.items() if k != "n"})
@@ -477,6 +480,7 @@ def evaluate_model(
     seed: int = 0,
     regions: str = "predicted",
     closed: str = "rank",
+    language: str = "auto",
     force_task_token: bool = True,
 ) -> EvalResult:
     """Run ``model`` on every task of ``samples`` and score it (see the module docstring).
@@ -497,6 +501,9 @@ def evaluate_model(
         closed: ``"rank"`` (default): closed VQA questions and diagnoses are answered with
             their most likely option (:mod:`echomoe.metrics.ranking`); ``"generate"``: with
             the free generation.
+        language: text-metric tokenisation, ``"en"``, ``"zh"`` (CJK character level) or
+            ``"auto"`` (default: ``zh`` when a reference has CJK ideographs, else ``en``; the
+            resolved one is in ``settings["language"]``).
         force_task_token: append a missing ``[SEG]`` / ``[DET]`` / ``[KPT]`` before grounding.
 
     Returns:
@@ -509,6 +516,8 @@ def evaluate_model(
         raise ValueError(f"unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
     if closed not in ("rank", "generate"):
         raise ValueError(f"closed must be 'rank' or 'generate', got {closed!r}")
     if regions not in REGION_PROTOCOLS:
@@ -536,12 +545,15 @@ def evaluate_model(
                 bar.update(1)
     finally:
         model.train(was_training)
-    score_examples(examples, int(config.image_size), config.grounding_config["measure_pairs"])
+    language = resolve_language(language, [ex.reference for ex in examples])
+    score_examples(examples, int(config.image_size), config.grounding_config["measure_pairs"],
+                   language=language)
     settings = {"tasks": list(tasks), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                "seed": seed, "regions": regions, "closed": closed,
+                "seed": seed, "regions": regions, "closed": closed, "language": language,
                 "force_task_token": force_task_token,
                 "num_samples": len(samples)}
-    return EvalResult(summarize(examples, tasks, len(samples)), make_records(examples),
+    return EvalResult(summarize(examples, tasks, len(samples), language=language),
+                      make_records(examples),
                       accumulator.report(), settings)
 
 

@@ -75,7 +75,7 @@ from echomoe.metrics.harness import (
     score_examples,
     summarize,
 )
-from echomoe.metrics.text import tokenize
+from echomoe.metrics.text import resolve_language, tokenize
 from echomoe.metrics.vqa import normalize_answer
 
 __all__ = ["MAX_REPORTS", "PRIOR_NAMES", "prior_result", "prior_results", "report_ceiling"]
@@ -119,11 +119,11 @@ def _majority(answers: Sequence[str]) -> str:
     return Counter(a for a in answers if normalize_answer(a) == best).most_common(1)[0][0]
 
 
-def _medoid(reports: Sequence[str]) -> str:
+def _medoid(reports: Sequence[str], language: str = "auto") -> str:
     """The report with the highest summed unigram F1 to the others (see the module doc)."""
     n = len(reports)
     picks = np.unique(np.linspace(0, n - 1, min(n, MAX_REPORTS)).round().astype(int))
-    bags = [Counter(tokenize(reports[i])) for i in picks]
+    bags = [Counter(tokenize(reports[i], language)) for i in picks]
     vocab = {tok: j for j, tok in enumerate(sorted({t for bag in bags for t in bag}))}
     counts = np.zeros((len(bags), max(len(vocab), 1)), dtype=np.float64)
     for i, bag in enumerate(bags):
@@ -279,7 +279,7 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
 
 def prior_result(train_samples: Any, test_samples: Any, tasks: Sequence[str] = TASKS, *,
                  by_region: bool, image_size: int, measure_pairs: Sequence[Sequence[int]],
-                 seed: int = 0) -> EvalResult:
+                 seed: int = 0, language: str = "auto") -> EvalResult:
     """Score the global (``by_region=False``) or per-region (``by_region=True``) prior on
     ``test_samples`` (see the module docstring for what it predicts).
 
@@ -294,6 +294,7 @@ def prior_result(train_samples: Any, test_samples: Any, tasks: Sequence[str] = T
         image_size: the model input size ``S`` whose ``S x S`` masks are scored.
         measure_pairs: the caliper pairs (the model's ``grounding_config["measure_pairs"]``).
         seed: prompt-phrasing seed, the ``seed`` of the ``evaluate_model`` run to compare with.
+        language: text-metric tokenisation, as ``evaluate_model``'s (the medoid uses it too).
 
     Returns:
         An :class:`~echomoe.metrics.harness.EvalResult` with the shape of ``evaluate_model``'s
@@ -316,21 +317,23 @@ def prior_result(train_samples: Any, test_samples: Any, tasks: Sequence[str] = T
     examples = build_examples(test, tasks, seed)
     for ex, question in zip(examples, _vqa_questions(examples), strict=True):
         prior.predict(ex, question, image_size)
-    score_examples(examples, image_size, pairs)
+    language = resolve_language(language, [ex.reference for ex in examples])
+    score_examples(examples, image_size, pairs, language=language)
     settings = {"prior": "per_region" if by_region else "global", "tasks": list(tasks),
                 "seed": seed, "num_samples": len(test), "num_train_samples": len(train),
-                "image_size": image_size, "measure_pairs": [list(p) for p in pairs]}
-    return EvalResult(summarize(examples, tasks, len(test)), make_records(examples), {},
-                      settings)
+                "image_size": image_size, "measure_pairs": [list(p) for p in pairs],
+                "language": language}
+    return EvalResult(summarize(examples, tasks, len(test), language=language),
+                      make_records(examples), {}, settings)
 
 
 def prior_results(train_samples: Any, test_samples: Any, tasks: Sequence[str] = TASKS, *,
                   image_size: int, measure_pairs: Sequence[Sequence[int]],
-                  seed: int = 0) -> dict[str, EvalResult]:
+                  seed: int = 0, language: str = "auto") -> dict[str, EvalResult]:
     """Both priors of :func:`prior_result`: ``{"prior_global": ..., "prior_region": ...}``."""
     train, test = _as_samples(train_samples), _as_samples(test_samples)
     return {name: prior_result(train, test, tasks, by_region=by_region, image_size=image_size,
-                               measure_pairs=measure_pairs, seed=seed)
+                               measure_pairs=measure_pairs, seed=seed, language=language)
             for name, by_region in PRIOR_NAMES.items()}
 
 

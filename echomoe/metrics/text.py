@@ -16,6 +16,10 @@ ASCII, e.g. ``"１．５ｃｍ"`` -> ``"1.5cm"``) and lower-cases the text. Then
   numbers follow the English rule; punctuation (Chinese or ASCII) is dropped.
   ``"甲状腺左叶见1.2cm低回声结节。"`` -> ``["甲", "状", "腺", "左", "叶", "见", "1.2", "cm",
   "低", "回", "声", "结", "节"]``.
+* ``language="auto"``: the ``zh`` rule, which gives exactly the ``en`` tokens on text without
+  CJK ideographs; so English scores are unchanged and Chinese (or mixed) text is scored at
+  character level without being told.  :func:`resolve_language` names the language a corpus
+  resolves to (``"zh"`` as soon as one text has an ideograph).
 
 The same tokens feed nltk's BLEU, rouge-score's ROUGE (through its ``tokenizer=`` hook, so
 rouge-score's own ASCII-only tokenizer, which would delete all Chinese text, is never used), our
@@ -43,11 +47,13 @@ import threading
 import unicodedata
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "LANGUAGES",
+    "resolve_language",
     "tokenize",
     "bleu",
     "rouge",
@@ -57,7 +63,7 @@ __all__ = [
     "evaluate_module_path",
 ]
 
-LANGUAGES = ("en", "zh")
+LANGUAGES = ("en", "zh", "auto")
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
 _NUMBER = r"\d+(?:\.\d+)?"
@@ -65,6 +71,8 @@ _TOKEN_RE = {
     "en": re.compile(rf"{_NUMBER}|[^\W\d_]+"),
     "zh": re.compile(rf"[{_CJK}]|{_NUMBER}|[^\W\d_{_CJK}]+"),
 }
+_TOKEN_RE["auto"] = _TOKEN_RE["zh"]
+_HAS_CJK = re.compile(f"[{_CJK}]")
 
 References = Sequence["str | Sequence[str]"]
 
@@ -72,12 +80,27 @@ References = Sequence["str | Sequence[str]"]
 # --------------------------------------------------------------------------------------------
 # tokenisation and input checking
 # --------------------------------------------------------------------------------------------
+def resolve_language(language: str, texts: Iterable[Any]) -> str:
+    """``"en"`` or ``"zh"``: ``language`` itself, or for ``"auto"`` ``"zh"`` when any of
+    ``texts`` (strings, or lists of strings) contains a CJK ideograph, else ``"en"``."""
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    if language != "auto":
+        return language
+    for text in texts:
+        for t in ([text] if isinstance(text, str) else text or []):
+            if isinstance(t, str) and _HAS_CJK.search(t):
+                return "zh"
+    return "en"
+
+
 def tokenize(text: str, language: str = "en") -> list[str]:
     """Split ``text`` into lower-cased tokens with the module's single rule (see module doc).
 
     Args:
         text: a report, answer or caption.
-        language: ``"en"`` (regex word tokenizer) or ``"zh"`` (character level for CJK).
+        language: ``"en"`` (regex word tokenizer), ``"zh"`` (character level for CJK) or
+            ``"auto"`` (the ``zh`` rule; see the module docstring).
 
     Returns:
         The list of tokens; ``[]`` for an empty or punctuation-only text.
@@ -375,6 +398,7 @@ def meteor(
         ``{"meteor": float}`` in [0, 1], or ``None`` when METEOR cannot run here.
     """
     hyp_tokens, ref_tokens = _tokenized(predictions, references, language)
+    language = resolve_language(language, [*predictions, *references])
     if language != "en":
         warnings.warn(f"METEOR skipped: METEOR 1.5 has no {language!r} resources", stacklevel=2)
         return None

@@ -224,7 +224,8 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         metrics = {f"eval/{k}": v for k, v in loss_eval(m).items()}
         if t.best_metric not in metrics:
             result = evaluate_model(m, processor, eval_samples, e.tasks, e.batch_size,
-                                    e.max_new_tokens, progress=False, closed=e.closed)
+                                    e.max_new_tokens, progress=False, closed=e.closed,
+                                    language=e.language)
             metrics.update({f"eval/{k}": v for k, v in result.metrics["overall"].items()})
         return metrics
 
@@ -255,7 +256,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         test_samples = splits[cfg.data.test_split][:e.num_samples]
         result = evaluate_model(model, processor, test_samples, e.tasks, e.batch_size,
                                 e.max_new_tokens, progress=progress, seed=e.seed,
-                                closed=e.closed)
+                                closed=e.closed, language=e.language)
         step = len(history) and history[-1]["step"]
         logger.log_eval(step, result.metrics, prefix="test/")
         # Region-routed models also run the oracle protocol (true regions), reported apart.
@@ -263,11 +264,12 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         if model.routes_by_region:
             oracle = evaluate_model(model, processor, test_samples, e.tasks, e.batch_size,
                                     e.max_new_tokens, progress=progress, seed=e.seed,
-                                    regions="given", closed=e.closed)
+                                    regions="given", closed=e.closed,
+                                    language=e.language)
         priors = prior_results(splits[cfg.data.train_split], test_samples, e.tasks,
                                image_size=model.config.image_size,
                                measure_pairs=model.config.grounding_config["measure_pairs"],
-                               seed=e.seed)
+                               seed=e.seed, language=e.language)
         if "report" in e.tasks and (ceiling := report_ceiling(test_samples, seed=e.seed)):
             priors["report_ceiling"] = ceiling
         if oracle is not None:
