@@ -94,7 +94,7 @@ def resolve_language(language: str, texts: Iterable[Any]) -> str:
     return "en"
 
 
-def tokenize(text: str, language: str = "en") -> list[str]:
+def tokenize(text: str, language: str = "auto") -> list[str]:
     """Split ``text`` into lower-cased tokens with the module's single rule (see module doc).
 
     Args:
@@ -162,7 +162,7 @@ def bleu(
     predictions: Sequence[str],
     references: References,
     *,
-    language: str = "en",
+    language: str = "auto",
     smoothing: str | Callable | None = None,
 ) -> dict[str, float]:
     """Corpus-level BLEU-1..4 with :func:`nltk.translate.bleu_score.corpus_bleu`.
@@ -182,7 +182,7 @@ def bleu(
     Args:
         predictions: generated texts.
         references: one string or a list of strings per prediction.
-        language: tokenisation, ``"en"`` or ``"zh"`` (see :func:`tokenize`).
+        language: tokenisation, ``"en"``, ``"zh"`` or ``"auto"`` (default; see :func:`tokenize`).
         smoothing: ``None``, a SmoothingFunction method name, or a smoothing callable.
 
     Returns:
@@ -218,7 +218,7 @@ def bleu(
 # ROUGE
 # --------------------------------------------------------------------------------------------
 def rouge(
-    predictions: Sequence[str], references: References, *, language: str = "en"
+    predictions: Sequence[str], references: References, *, language: str = "auto"
 ) -> dict[str, float]:
     """ROUGE-1, ROUGE-2 and ROUGE-L F-measure with ``rouge_score``, averaged over samples.
 
@@ -261,7 +261,7 @@ def cider(
     predictions: Sequence[str],
     references: References,
     *,
-    language: str = "en",
+    language: str = "auto",
     n: int = 4,
     sigma: float = 6.0,
 ) -> dict[str, float]:
@@ -384,7 +384,7 @@ def _meteor_backend() -> tuple[Path, str] | str:
 
 
 def meteor(
-    predictions: Sequence[str], references: References, *, language: str = "en"
+    predictions: Sequence[str], references: References, *, language: str = "auto"
 ) -> dict[str, float] | None:
     """Corpus METEOR 1.5 (pycocoevalcap's jar, ``-l en -norm``) on our tokens, or ``None``.
 
@@ -426,7 +426,7 @@ def report_metrics(
     predictions: Sequence[str],
     references: References,
     *,
-    language: str = "en",
+    language: str = "auto",
     include_meteor: bool = False,
     smoothing: str | Callable | None = None,
 ) -> dict[str, float]:

@@ -24,14 +24,15 @@ Report-generation metrics as used by ultrasound VLM papers: corpus BLEU-1..4 (nl
 by default), ROUGE-1/2/L F-measure (rouge-score, mean over samples, best reference per metric),
 CIDEr-D on pycocoevalcap's scale, and METEOR 1.5 when asked and runnable (Java). All use
 echomoe's single tokenisation rule: NFKC + lower case, regex words and decimal numbers for
-English, one token per CJK character for Chinese (`language="zh"`).
+English, one token per CJK character for Chinese (`language="zh"`, or `"auto"`, the default,
+which gives the English tokens on text without CJK characters).
 """
 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions: list of generated reports (strings).
     references: one reference string, or a list of reference strings, per prediction.
-    language: "en" (default) or "zh" (character-level tokens for Chinese).
+    language: "auto" (default), "en" or "zh" (character-level tokens for Chinese).
     smoothing: None (no BLEU smoothing, default) or an nltk SmoothingFunction method name.
     include_meteor: also compute METEOR (needs Java; warns and omits it otherwise).
 Returns:
@@ -71,7 +72,7 @@ class ReportText(evaluate.Metric):
         )
 
     def _compute(
-        self, predictions, references, language="en", smoothing=None, include_meteor=False
+        self, predictions, references, language="auto", smoothing=None, include_meteor=False
     ):
         return report_metrics(
             list(predictions),
