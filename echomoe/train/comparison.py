@@ -218,7 +218,8 @@ def comparison_markdown(runs: Sequence[dict[str, Any]], reference: str = "dense"
         "<sub>difference of the means of per-case scores averaged over seeds (BLEU-1: "
         "sentence-level), [95 % paired bootstrap CI over test cases]; * = the CI excludes 0; "
         "(k/n seeds) = seeds whose own difference has the same sign. Lower is better for the "
-        "measurement error.</sub>", ""]
+        "measurement error. Each cell is its own test, uncorrected for multiple comparisons: "
+        "among 20 true null differences expect about one *.</sub>", ""]
     for task, metric in region_metrics or [(t, m) for t, m, *_ in HEADLINE]:
         column = next(c for t, m, _, c, _ in HEADLINE if (t, m) == (task, metric))
         header, rows = region_rows(runs, task, metric)

@@ -94,14 +94,14 @@ def render_demo(runs: list[dict]) -> str:
 
 def render_demo_seeds(runs: list[dict]) -> str:
     """Mean ± sample std over the seeds of each variant among the finished ``runs`` (those of
-    ``make demo-seeds``), one row per variant in first-appearance order."""
-    from echomoe.train.sweep import results_table
+    ``make demo-seeds``), one row per variant (blind runs apart) in first-appearance order."""
+    from echomoe.train.sweep import results_table, run_label
 
     keys = [key for key, _, _ in DEMO_METRICS]
     cells = {(r["variant"], r["metric"]): r for r in results_table(runs, keys, ("variant",))}
     body = []
-    for variant in dict.fromkeys(r["variant"] for r in runs):
-        mine = [r for r in runs if r["variant"] == variant]
+    for variant in dict.fromkeys(run_label(r) for r in runs):
+        mine = [r for r in runs if run_label(r) == variant]
         values = [cells.get((variant, key)) for key in keys]
         wall = sum(r["wall_time_s"] for r in mine) / len(mine)
         body.append([variant, ", ".join(str(r.get("seed")) for r in mine),
