@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from echomoe.config.schema import (
     CHOICES,
+    TRAIN_SPLIT_TOKENIZER,
     ConfigError,
     ExperimentConfig,
     TrainSection,
@@ -265,7 +266,7 @@ def validate(config: ExperimentConfig, where: str = "config") -> None:
     if m.variant not in VARIANTS:
         raise _fail(where, "model.variant", f"unknown variant {m.variant!r}; valid: "
                     f"{', '.join(VARIANTS)}")
-    if m.tokenizer is not None and not Path(m.tokenizer).is_dir():
+    if m.tokenizer not in (None, TRAIN_SPLIT_TOKENIZER) and not Path(m.tokenizer).is_dir():
         raise _fail(where, "model.tokenizer", f"directory {m.tokenizer!r} does not exist")
     _positive(where, "model.corpus_samples", m.corpus_samples)
     try:

@@ -8,6 +8,9 @@ from typing import Any
 from echomoe.data.synthetic.generate import SyntheticConfig
 from echomoe.data.tasks import TASKS
 
+TRAIN_SPLIT_TOKENIZER = "train_split"
+"""``model.tokenizer`` value that trains the tokenizer on the train split's texts."""
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the field."""
@@ -25,9 +28,12 @@ class ModelSection:
             ``vision_config`` / ``text_config`` / ``moe_config`` / ``grounding_config`` dicts are
             merged into the preset's; ``loss_weights`` sets the loss coefficients (incl. MoE aux
             losses ``moe_balance``, ``moe_z``, ``moe_region``).
-        tokenizer: local directory of a saved tokenizer; ``None`` trains one offline
+        tokenizer: local directory of a saved tokenizer; ``"train_split"`` trains a byte-level
+            BPE offline on the train split's own texts (reports, questions, answers, prompts:
+            :func:`~echomoe.models.builders.corpus_texts`), for real data in any language;
+            ``None`` trains one offline on synthetic texts
             (:func:`~echomoe.models.builders.build_processor`).
-        corpus_samples: synthetic cases for that offline tokenizer.
+        corpus_samples: synthetic cases for that synthetic-corpus tokenizer.
     """
 
     preset: str = "tiny"
@@ -35,6 +41,10 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     corpus_samples: int = 200
+
+    def tokenizer_from_train_split(self) -> bool:
+        """Whether the tokenizer is trained on the train split (``tokenizer: train_split``)."""
+        return self.tokenizer == TRAIN_SPLIT_TOKENIZER
 
     def build_config(self):
         """The :class:`~echomoe.models.configuration.EchoMoEConfig` of this section."""

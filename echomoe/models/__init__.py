@@ -20,6 +20,7 @@ from echomoe.models.builders import (
     build_config,
     build_model,
     build_processor,
+    corpus_texts,
     count_parameters,
     synthetic_corpus,
     validate_config,
@@ -43,6 +44,7 @@ __all__ = [
     "build_processor",
     "count_parameters",
     "image_tokens_per_image",
+    "corpus_texts",
     "synthetic_corpus",
     "validate_config",
 ]

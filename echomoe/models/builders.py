@@ -250,29 +250,35 @@ def build_model(preset: str = "tiny", variant: str = "dense", **overrides) -> nn
     return EchoMoEForConditionalGeneration(build_config(preset, variant, **overrides))
 
 
-def synthetic_corpus(num_samples: int = 200, seed: int = 0) -> list[str]:
-    """Texts of the synthetic benchmark for tokenizer training.
-
-    For each of ``num_samples`` synthetic cases: its report (findings + impression) and every
-    (prompt, target) pair of every task in :data:`echomoe.data.tasks.TASKS` (QA, diagnosis,
-    grounding targets with ``[SEG]`` / ``[DET]`` / ``[KPT]``, prompts with ``<image>`` tags), the
-    phrasing drawn with ``default_rng([seed, index])``; then every instruction template.
-    """
-    from echomoe.data.synthetic.generate import generate
+def corpus_texts(samples, seed: int = 0) -> list[str]:
+    """Tokenizer-training texts of ``samples`` (any :class:`~echomoe.data.schema.UltrasoundSample`
+    list: synthetic, or a real train split): each sample's report and every (prompt, target)
+    pair of every task it supports (QA, diagnosis, grounding targets with ``[SEG]`` / ``[DET]``
+    / ``[KPT]``, prompts with ``<image>`` tags), phrased with ``default_rng([seed, index])``;
+    then every instruction template, so the prompts tokenise compactly whatever the data."""
     from echomoe.data.tasks import PROMPTS, TASKS, build_task
 
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     texts: list[str] = []
-    for i, sample in enumerate(generate(num_samples, seed)):
+    for i, sample in enumerate(samples):
         rng = np.random.default_rng([seed, i])
-        texts.append(sample.report)
+        if sample.report:
+            texts.append(sample.report)
         for task in TASKS:
             for prompt, target in build_task(task, sample, rng):
                 texts += [prompt, target]
     texts += [t.replace("{label}", "lesion").replace("{question}", "")
               for phrasings in PROMPTS.values() for t in phrasings]
     return texts
+
+
+def synthetic_corpus(num_samples: int = 200, seed: int = 0) -> list[str]:
+    """:func:`corpus_texts` of ``num_samples`` synthetic cases (``generate(num_samples, seed)``),
+    the default tokenizer corpus."""
+    from echomoe.data.synthetic.generate import generate
+
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    return corpus_texts(generate(num_samples, seed), seed)
 
 
 def build_processor(

@@ -81,17 +81,22 @@ def load_splits(cfg) -> dict[str, list]:
     return splits
 
 
-def build_model_and_processor(cfg):
-    """``(model, processor)`` for ``cfg.model`` (random init, offline tokenizer unless
-    ``model.tokenizer`` names a local directory)."""
-    from echomoe.models.builders import build_processor
+def build_model_and_processor(cfg, train_samples=None):
+    """``(model, processor)`` for ``cfg.model`` (random init).  The tokenizer: a local
+    directory (``model.tokenizer``), a byte-level BPE trained offline on ``train_samples``'
+    texts (``model.tokenizer: train_split``), or one trained on synthetic texts (``None``)."""
+    from echomoe.data.tokenizer import load_tokenizer, train_tokenizer
+    from echomoe.models.builders import build_processor, corpus_texts
     from echomoe.models.modeling import EchoMoEForConditionalGeneration
 
     config = cfg.model.build_config()
     tokenizer = None
-    if cfg.model.tokenizer:
-        from echomoe.data.tokenizer import load_tokenizer
-
+    if cfg.model.tokenizer_from_train_split():
+        if not train_samples:
+            raise ValueError("model.tokenizer: train_split needs the train split's samples")
+        tokenizer = train_tokenizer(corpus_texts(train_samples, cfg.data.seed),
+                                    config.text_config.vocab_size)
+    elif cfg.model.tokenizer:
         tokenizer = load_tokenizer(cfg.model.tokenizer)
     processor = build_processor(cfg.model.preset, tokenizer, seed=cfg.data.seed,
                                 num_samples=cfg.model.corpus_samples, config=config)
@@ -204,7 +209,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     for split in (cfg.data.train_split, cfg.data.eval_split, cfg.data.test_split):
         if not splits.get(split):
             raise ValueError(f"data split {split!r} is missing or empty; have {sorted(splits)}")
-    model, processor = build_model_and_processor(cfg)
+    model, processor = build_model_and_processor(cfg, splits[cfg.data.train_split])
     model.to(world.device if world.world_size > 1 and t.device == "auto" else _device(t.device))
     if t.lora.enabled:
         apply_lora(model, target_modules=t.lora.target_modules, r=t.lora.r, alpha=t.lora.alpha,
