@@ -1,10 +1,11 @@
-"""The ``echomoe`` command line: ``echomoe {info,synth,config,train} ...``.
+"""The ``echomoe`` command line: ``echomoe {info,synth,data,config,train} ...``.
 
 Each subcommand is a thin wrapper around a library function, so everything it does can also be
 done from Python:
 
 * ``info`` -- versions, routers (:data:`echomoe.moe.ROUTERS`) and MoE backends available here;
 * ``synth`` -- :func:`echomoe.data.synthetic.generate.build_dataset_dict` + ``save_preview``;
+* ``data`` -- :func:`echomoe.data.formats.convert.convert` (a real source -> ``DatasetDict``);
 * ``config`` -- :func:`echomoe.config.main` (validate and print an experiment or a sweep);
 * ``train`` -- :func:`echomoe.config.load_config` + :func:`echomoe.train.experiment.run_experiment`.
 
@@ -25,6 +26,8 @@ examples:
   echomoe info
   echomoe synth --out data/synth --n 2000 --seed 0
   echomoe synth --out data/thyroid --n 200 --regions thyroid breast --image-size 64
+  echomoe data busi Dataset_BUSI_with_GT --out data/busi
+  echomoe data dicom exports/ --out data/liver --region liver --crop-region
   echomoe config configs/experiments/report.yaml model.variant=moe_region_soft
   echomoe config configs/sweeps/demo.yaml
   echomoe train configs/experiments/multitask.yaml model.variant=moe_region_hard train.steps=200
@@ -70,6 +73,22 @@ def _synth(args: argparse.Namespace) -> int:
     preview = save_preview(samples, out / "preview.png")
     sizes = {name: len(split) for name, split in dataset.items()}
     print(json.dumps({"out": str(out), "splits": sizes, "preview": str(preview)}))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from echomoe.data.formats import FormatError
+    from echomoe.data.formats.convert import convert, format_report
+
+    options = {"region": args.region, "diagnosis": args.diagnosis,
+               "image_root": args.image_root, "crop_region": args.crop_region or None}
+    try:
+        report = convert(args.format, args.source, args.out, strict=args.strict, **options)
+    except (FormatError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json
+          else format_report(report))
     return 0
 
 
@@ -161,6 +180,37 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-proc", type=_positive_int, default=1, metavar="N",
                        help="worker processes (default: %(default)s)")
     synth.set_defaults(func=_synth)
+
+    from echomoe.data.formats.convert import LOADERS
+
+    data = sub.add_parser(
+        "data", help="convert a real dataset (DICOM, EchoVLM JSON, BUSI, ...) to a DatasetDict",
+        description=_wrap(
+            "Load SOURCE with the loader of FORMAT, split it region-stratified into train / "
+            "validation / test (80/10/10) and save the datasets.DatasetDict into DIR (read it "
+            "with data.source: disk).  Prints what was loaded, every skipped record with its "
+            "reason, the regions and the tasks the samples support.  Bad records are skipped "
+            "and listed unless --strict.  Exit status 1 when nothing could be loaded."),
+        epilog="examples:\n"
+               "  echomoe data busi Dataset_BUSI_with_GT --out data/busi\n"
+               "  echomoe data echovlm echovlm.json --out data/echo --image-root images/\n"
+               "  echomoe data dicom exports/ --out data/liver --region liver --crop-region",
+        formatter_class=formatter)
+    data.add_argument("format", choices=list(LOADERS), metavar="FORMAT",
+                      help=f"source format: {', '.join(LOADERS)}")
+    data.add_argument("source", metavar="SOURCE", help="the file or folder to load")
+    data.add_argument("--out", required=True, metavar="DIR", help="output folder; required")
+    data.add_argument("--region", default=None, help="region of records that name none "
+                      "(dicom, echovlm; default: inferred or unknown)")
+    data.add_argument("--diagnosis", default=None, help="diagnosis of every file (dicom)")
+    data.add_argument("--image-root", default=None, metavar="DIR",
+                      help="folder image paths are relative to (echovlm; default: the JSON's)")
+    data.add_argument("--crop-region", action="store_true",
+                      help="crop DICOM frames to the B-mode region (dicom)")
+    data.add_argument("--strict", action="store_true",
+                      help="stop at the first bad record (default: skip and list it)")
+    data.add_argument("--json", action="store_true", help="print the report as JSON")
+    data.set_defaults(func=_data)
 
     config = sub.add_parser(
         "config", help="validate an experiment or sweep YAML and print it resolved",

@@ -208,10 +208,14 @@ def record_to_sample(record: dict[str, Any]) -> UltrasoundSample:
 
 
 def to_hf_dataset(samples: list[UltrasoundSample]):
-    """A ``datasets.Dataset`` with ``Image`` features; lossless (see :func:`from_hf_dataset`)."""
+    """A ``datasets.Dataset`` with ``Image`` features; lossless (see :func:`from_hf_dataset`).
+    An empty list gives an empty dataset with the same features (so it saves and loads)."""
     from datasets import Dataset
 
-    return Dataset.from_list([sample_to_record(s) for s in samples], features=_features())
+    features = _features()
+    if not samples:
+        return Dataset.from_dict({name: [] for name in features}, features=features)
+    return Dataset.from_list([sample_to_record(s) for s in samples], features=features)
 
 
 def from_hf_dataset(dataset) -> list[UltrasoundSample]:
