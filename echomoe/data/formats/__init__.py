@@ -10,6 +10,8 @@ record; ``False`` skips bad records and lists them in :attr:`LoadResult.skipped`
 * :func:`load_fmuia_csv` -- FM_UIA 2026 challenge CSVs
 * :func:`load_hc18` -- HC18 fetal head ellipse annotations + pixel size / HC CSV
 * :func:`load_jsonl` -- a generic JSONL manifest with :class:`UltrasoundSample` keys
+* :func:`load_ultrabench` -- UltraBench's processed datasets (its own splits:
+  :func:`load_ultrabench_splits`)
 """
 
 from echomoe.data.formats.busi import load_busi
@@ -35,6 +37,7 @@ from echomoe.data.formats.errors import (
 from echomoe.data.formats.fmuia import load_fmuia_csv
 from echomoe.data.formats.hc18 import load_hc18
 from echomoe.data.formats.jsonl import load_jsonl
+from echomoe.data.formats.ultrabench import load_ultrabench, load_ultrabench_splits
 from echomoe.data.schema import UnknownRegionError
 
 __all__ = [
@@ -61,6 +64,8 @@ __all__ = [
     "load_fmuia_csv",
     "load_hc18",
     "load_jsonl",
+    "load_ultrabench",
+    "load_ultrabench_splits",
     "read_dicom",
     "split_report",
 ]
