@@ -83,7 +83,7 @@ from echomoe.data.tokenizer import DET_TOKEN, IMAGE_TOKEN, KPT_TOKEN, SEG_TOKEN
 from echomoe.metrics.detection import box_iou, inclusive_to_edges
 from echomoe.metrics.findings import diagnosis_metrics, finding_f1, size_error_mm
 from echomoe.metrics.keypoints import measurement_error, radial_error
-from echomoe.metrics.ranking import closed_options, rank_options
+from echomoe.metrics.ranking import closed_options, diagnosis_options, rank_options
 from echomoe.metrics.routing import RoutingAccumulator
 from echomoe.metrics.segmentation import dice, hd95, iou
 from echomoe.metrics.text import LANGUAGES, bleu, report_metrics, resolve_language
@@ -180,6 +180,13 @@ def build_examples(samples: Sequence[UltrasoundSample], tasks: Sequence[str],
                 examples.append(_Example(i, sample, task, prompt, reference,
                                          str(qa.get("type", "open")) if qa else "",
                                          list(qa.get("options") or [])))
+    # The diagnosis classes: the synthetic vocabulary and every label of these samples (a real
+    # dataset's benign / malignant / normal), as a classification benchmark's class list.
+    classes = sorted(set(diagnosis_options()) | {ex.reference for ex in examples
+                                                 if ex.task == "diagnosis"})
+    for ex in examples:
+        if ex.task == "diagnosis":
+            ex.options = classes
     return examples
 
 
@@ -275,31 +282,39 @@ def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
 
 
 # ----------------------------------------------------------------------------- per-sample scores
-def diagnosis_label(region: str, text: str) -> str | None:
+def normalize_label(text: str) -> str:
+    """A diagnosis label's canonical form: lower case, hyphens between letters dropped, other
+    hyphens and spaces -> ``_`` (``"BI-RADS 4"`` -> ``birads_4``, ``"Benign"`` -> ``benign``)."""
+    norm = re.sub(r"(?<=[a-z])-(?=[a-z])", "", str(text).strip().lower())
+    return re.sub(r"[\s\-]+", "_", norm).strip("_.,;:!?")
+
+
+def diagnosis_label(region: str, text: str, classes: Sequence[str] = ()) -> str | None:
     """The diagnosis label stated by generated ``text`` for a sample of ``region``.
 
     The diagnosis task's reference *is* a label (``"birads_4"``, ``"renal_cyst"``), so first the
-    normalised text (lower case, hyphens between letters dropped, other hyphens and spaces ->
-    ``_``: ``"BI-RADS 4"`` -> ``birads_4``) is matched against the region's labels
-    (:data:`echomoe.data.synthetic.vocab.DIAGNOSES`): an exact match, else the first label that
-    occurs as a whole word; free text (a report) falls back to
-    :func:`~echomoe.data.synthetic.reports.parse_diagnosis`.  Regions outside the synthetic
-    vocabulary return the normalised text itself (``None`` when empty).
+    normalised text (:func:`normalize_label`) is matched against the region's labels
+    (:data:`echomoe.data.synthetic.vocab.DIAGNOSES`) and the dataset's own ``classes``
+    (normalised too: a real dataset's ``benign`` / ``malignant``): an exact match, else the
+    first label that occurs as a whole word; free text (a report) of a synthetic region falls
+    back to :func:`~echomoe.data.synthetic.reports.parse_diagnosis`.  Without any label to
+    match, the normalised text itself is returned (``None`` when empty).  Compare the result
+    with ``normalize_label(reference)``.
     """
     from echomoe.data.synthetic.reports import parse_diagnosis
     from echomoe.data.synthetic.vocab import DIAGNOSES
 
-    norm = re.sub(r"(?<=[a-z])-(?=[a-z])", "", str(text).strip().lower())
-    norm = re.sub(r"[\s\-]+", "_", norm).strip("_.,;:!?")
-    labels = DIAGNOSES.get(region)
-    if labels is None:
+    norm = normalize_label(text)
+    synthetic = list(DIAGNOSES.get(region, ()))
+    labels = list(dict.fromkeys([*synthetic, *(normalize_label(c) for c in classes)]))
+    if not labels:
         return norm or None
     if norm in labels:
         return norm
     for label in labels:
         if re.search(rf"(?<![a-z0-9]){re.escape(label)}(?![a-z0-9])", norm):
             return label
-    return parse_diagnosis(region, str(text))
+    return parse_diagnosis(region, str(text)) if synthetic else None
 
 
 def _score_grounding(ex: _Example, image_size: int, measure_pairs: list[tuple[int, int]]):
@@ -343,8 +358,8 @@ def _score_text(ex: _Example, language: str) -> None:
         if ex.qa_type in ("yes_no", "choice"):
             ex.scores["correct"] = v["closed_accuracy"]
     elif ex.task == "diagnosis":
-        label = diagnosis_label(ex.sample.region, ex.prediction)
-        ex.scores.update(label=label, correct=float(label == ex.reference))
+        label = diagnosis_label(ex.sample.region, ex.prediction, ex.options)
+        ex.scores.update(label=label, correct=float(label == normalize_label(ex.reference)))
     elif ex.task == "report":
         # Sentence-level BLEU-1 (the per-case counterpart of corpus BLEU-1, for paired tests).
         ex.scores["bleu1"] = bleu([ex.prediction], [ex.reference], language=language)["bleu1"]
@@ -414,7 +429,7 @@ def _report_clinical(rows: list[_Example]) -> dict[str, float]:
 
 def _diagnosis_summary(rows: list[_Example]) -> dict[str, float]:
     preds = [r.scores["label"] for r in rows]
-    d = diagnosis_metrics(preds, [r.reference for r in rows])
+    d = diagnosis_metrics(preds, [normalize_label(r.reference) for r in rows])
     return {"accuracy": d["accuracy"], "macro_f1": d["macro_f1"],
             "parse_rate": float(np.mean([p is not None for p in preds]))}
 

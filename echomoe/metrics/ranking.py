@@ -44,10 +44,11 @@ def closed_options(task: str, question: str, qa_type: str = "",
       does), else the comma / ``or``-separated list after the question's last ``:``
       (``"... Options: a, b, c."``, ``"Which fits: a, b or c?"``); ``None`` when neither
       gives two or more options (the question is then answered by free generation);
-    * ``diagnosis``: :func:`diagnosis_options`.
+    * ``diagnosis``: ``options`` when given (the harness gives the synthetic vocabulary plus
+      the dataset's own labels), else :func:`diagnosis_options`.
     """
     if task == "diagnosis":
-        return diagnosis_options()
+        return list(dict.fromkeys(options)) if options else diagnosis_options()
     if task != "vqa":
         return None
     if qa_type == "yes_no":

@@ -68,3 +68,29 @@ def test_the_harness_scores_chinese_records_in_the_resolved_language():
     assert en.settings["language"] == "en"
     assert en.metrics["overall"]["report/bleu1"] == 0.5  # "findings" + one Chinese "word"
     assert en.metrics["overall"]["vqa/token_f1"] == 0.0
+
+
+# ----------------------------------------------------------------------------- real labels
+def test_real_dataset_diagnoses_are_scored_with_their_own_classes():
+    from echomoe.metrics.harness import build_examples, diagnosis_label, normalize_label
+    from echomoe.metrics.ranking import closed_options
+
+    assert normalize_label("BI-RADS 4") == "birads_4" and normalize_label(" Benign.") == "benign"
+    classes = ["benign", "malignant", "normal"]
+    assert diagnosis_label("breast", "Malignant", classes) == "malignant"
+    assert diagnosis_label("breast", "likely benign lesion", classes) == "benign"
+    assert diagnosis_label("breast", "birads_4", classes) == "birads_4"  # synthetic ones too
+    assert diagnosis_label("unknown", "COVID", ["regular", "covid"]) == "covid"
+    assert diagnosis_label("unknown", "pneumonia", []) == "pneumonia"
+    assert diagnosis_label("unknown", "nothing known", ["regular"]) is None
+    # BUSI-style samples: the class list the ranking chooses from includes their labels
+    busi = [UltrasoundSample(id=f"b{i}", images=[np.zeros((8, 8), np.uint8)], region="breast",
+                             diagnosis=("benign", "malignant", "normal")[i % 3])
+            for i in range(6)]
+    (ex, *_) = build_examples(busi, ["diagnosis"])
+    assert {"benign", "malignant", "normal", "birads_4"} <= set(ex.options)
+    assert closed_options("diagnosis", ex.prompt, options=ex.options) == ex.options
+    prior = prior_result(busi[:4], busi, ("diagnosis",), by_region=True, image_size=8,
+                         measure_pairs=[])
+    # the train majority ("benign", 2 of 4) is right on 2 of the 6 test cases, not 0
+    assert prior.metrics["overall"]["diagnosis/accuracy"] == pytest.approx(2 / 6)
