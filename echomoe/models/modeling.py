@@ -84,6 +84,28 @@ class EchoMoEOutput(CausalLMOutputWithPast):
     routing: dict[str, RoutingInfo] | None = None
 
 
+_PASSTHROUGH_KWARGS = frozenset({
+    "task_ids", "pixel_spacing", "original_sizes",  # VLMCollator keys the forward does not use
+    "return_dict", "output_attentions", "output_hidden_states", "cache_position",  # generate
+    "num_items_in_batch",  # transformers' Trainer
+})
+
+
+def _unexpected_kwargs_message(names: list[str], forward) -> str:
+    """``forward() got unexpected keyword argument(s) 'region_id' (did you mean
+    'region_ids'?)``."""
+    import difflib
+    import inspect
+
+    known = [p for p in inspect.signature(forward).parameters if p != "kwargs"]
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"EchoMoEForConditionalGeneration.forward() got unexpected keyword argument(s) "
+            f"{', '.join(parts)}")
+
+
 def build_vision_encoder(config: EchoMoEConfig) -> nn.Module:
     """The image encoder described by ``config.vision_config``."""
     spec = dict(config.vision_config)
@@ -300,8 +322,14 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         ``has_*`` ``(B,)`` flags (default: all samples have the target when it is given).
         ``cache`` is the LM cache (``past_key_values``, its name before transformers 5.24, is
         accepted as well). Extra collator keys (``task_ids``, ``pixel_spacing``,
-        ``original_sizes``) are ignored.
+        ``original_sizes``) and the flags ``generate`` / ``Trainer`` pass (``return_dict``,
+        ``cache_position``, ...) are ignored; any other keyword with a value is a ``TypeError``
+        naming it (a misspelt ``region_id=`` must not silently route with no region).
         """
+        unexpected = sorted(k for k, v in kwargs.items()
+                            if v is not None and k not in _PASSTHROUGH_KWARGS)
+        if unexpected:
+            raise TypeError(_unexpected_kwargs_message(unexpected, self.forward))
         if input_ids is None:
             raise ValueError("input_ids is required")
         if past_key_values is not None:

@@ -111,6 +111,21 @@ def test_several_images_per_sample():
     assert torch.isfinite(out.loss)
 
 
+def test_forward_rejects_unknown_keywords_with_a_suggestion():
+    model = make_model("region_hard").eval()
+    inputs = {k: batch(model)[k] for k in ("input_ids", "pixel_values")}
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with pytest.raises(TypeError, match=r"'region_id' \(did you mean 'region_ids'\?\)"):
+            model(**inputs, region_id=torch.tensor([1, 2]))
+        with pytest.raises(TypeError, match="'colour'$"):
+            model(**inputs, colour="red")
+        # collator keys and transformers' flags pass, and a None is harmless
+        same = model(**inputs, task_ids=torch.zeros(2), pixel_spacing=torch.ones(2),
+                     return_dict=True, inputs_embeds=None).logits
+    assert torch.equal(plain, same)
+
+
 def test_save_load_round_trip(tmp_path):
     model = make_model("region_hard").eval()
     inputs = {k: batch(model)[k] for k in ("input_ids", "pixel_values", "region_ids")}
