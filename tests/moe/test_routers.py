@@ -449,3 +449,23 @@ def test_aux_losses_off_routes_identically_and_returns_none(router: str) -> None
     assert torch.equal(off.routing.expert_ids, on.routing.expert_ids)
     with pytest.raises(ValueError, match="token_mask must have shape"):
         layer(x, regions, mask[:, :3], aux_losses=False)  # still validated
+
+
+@pytest.mark.parametrize("router", [
+    TopKRouter(12, 4, top_k=2, num_regions=3),
+    RegionHardRouter(12, 6, top_k=2, num_regions=3),
+    RegionSoftRouter(12, 6, top_k=2, num_regions=3),
+    ExpertChoiceRouter(12, 4, num_regions=3),
+], ids=lambda r: type(r).__name__)
+def test_routers_called_directly_validate_region_ids(router):
+    x = torch.randn(5, 12)
+    router(x, torch.tensor([0, 2, -1, 1, 0]))  # valid ids, -1 = unknown
+    name = type(router).__name__
+    # -2 used to wrap to the last region's experts, 3 to the "unknown" row
+    for bad in (3, -2):
+        with pytest.raises(ValueError, match=f"{name}: region id {bad} out of range"):
+            router(x, torch.tensor([0, bad, 0, 0, 0]))
+    with pytest.raises(TypeError, match=f"{name}: region_ids must be an integer"):
+        router(x, torch.zeros(5))
+    with pytest.raises(ValueError, match=r"one id per token, got \(2,\)"):
+        router(x, torch.tensor([0, 1]))
