@@ -126,6 +126,25 @@ def _load_yaml_file(path: Path) -> Any:
     return copy.deepcopy(_FILE_CACHE[key])
 
 
+def yaml_error(path: Path, err: Exception) -> ConfigError:
+    """A YAML parse failure as a :class:`ConfigError` naming the file and the line (PyYAML's
+    own messages quote whole lines; a ``!!python/...`` tag is named as refused, never run)."""
+    import yaml
+
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    if isinstance(err, yaml.constructor.ConstructorError) and "python/" in str(err.problem):
+        tag = re.search(r"tag '([^']+)'", str(err.problem))
+        return ConfigError(f"{where}: the tag {tag.group(1) if tag else '!!python'} is not "
+                           "allowed (configs are plain YAML; nothing in them is executed)")
+    if isinstance(err, yaml.YAMLError):
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        return ConfigError(f"{where}: invalid YAML: {problem}"
+                           + (f" ({context})" if context else ""))
+    return ConfigError(f"{path}: cannot parse YAML: {err}")
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """``path`` merged over its ``base`` files (unresolved plain dict), keys checked per file."""
     if not path.is_file():
@@ -133,10 +152,12 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{where}: file {str(path)!r} not found")
     if path.resolve() in {p.resolve() for p in chain}:
         raise ConfigError(f"{path}: circular base chain: {' -> '.join(map(str, chain))}")
+    import yaml
+
     try:
         data = _load_yaml_file(path)
-    except (OmegaConfBaseException, OSError, ValueError) as err:  # yaml errors are ValueErrors
-        raise ConfigError(f"{path}: cannot parse YAML: {err}") from err
+    except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as err:
+        raise yaml_error(path, err) from err
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")

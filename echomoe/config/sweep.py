@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from echomoe.config.loader import _check_dotted_key, load_config
+from echomoe.config.loader import _check_dotted_key, load_config, yaml_error
 from echomoe.config.schema import ConfigError, ExperimentConfig
 
 _PLAIN = re.compile(r"[A-Za-z_][\w.\-/]*")
@@ -89,10 +89,12 @@ def read_sweep(path: str | os.PathLike) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} not found")
+    import yaml
+
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"{path}: cannot parse YAML: {err}") from err
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
+        raise yaml_error(path, err) from err
     valid = ("name", "description", "experiment", "output_dir", "overrides", "grid")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(valid)}")

@@ -196,6 +196,11 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     from echomoe.train.optim import Stage, apply_lora
 
     t, e, lg = cfg.train, cfg.eval, cfg.logging
+    if t.device == "cuda" and not torch.cuda.is_available():
+        from echomoe.config import ConfigError
+
+        raise ConfigError(f"{cfg.name}: train.device is 'cuda' but torch.cuda.is_available() "
+                          "is False here; use train.device=auto or cpu")
     out = Path(cfg.output_dir or f"runs/{cfg.name}")
     out.mkdir(parents=True, exist_ok=True)
     world = init_distributed()  # torchrun: one process group for DDP / DeepSpeed
