@@ -112,6 +112,12 @@ def _train(args: argparse.Namespace) -> int:
     print(f"summary: {summary['output_dir']}/summary.json; model: {summary['model_dir']}")
     if summary.get("where"):
         print(summary["where"])
+    if summary.get("status") == "interrupted":
+        from echomoe.train.loop import EXIT_INTERRUPTED
+
+        print("interrupted: a checkpoint is saved; run the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0 if summary.get("status") == "finished" else 1
 
 
@@ -235,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Run one experiment end to end: build the data and the model, train, evaluate on "
             "the test split and save into the config's output_dir (config.yaml, checkpoints/, "
             "metrics.jsonl, W&B run, eval/, model/, summary.json).  Prints the overall test "
-            "metrics.  Exit status 1 when the config is invalid or the run was interrupted."),
+            "metrics.  Exit status 1 when the config is invalid or the run failed, 3 when it was "
+            "interrupted (SIGTERM / SIGINT: a checkpoint is saved; rerun to resume)."),
         epilog="examples:\n"
                "  echomoe train configs/experiments/multitask.yaml\n"
                "  echomoe train configs/experiments/report.yaml model.variant=moe_region_soft \\\n"

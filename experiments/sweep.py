@@ -12,7 +12,8 @@ Finished runs (``<out>/<run>/summary.json`` with ``"status": "finished"``) are s
 command resumes an interrupted sweep.  Into ``--out`` (default: the sweep's ``output_dir``) it
 writes ``results.csv``, ``results.md`` and ``plots/<metric>.png``.  ``--emit-wandb`` writes the
 equivalent W&B grid sweep YAML (one per named-axis label combination) and runs nothing.
-Exit status: 0, or 1 when a run failed or the sweep file is invalid.  See
+Exit status: 0, 1 when a run failed or the sweep file is invalid, 3 when a run was interrupted
+(SIGTERM / SIGINT; its checkpoint is saved and the same command resumes it).  See
 :mod:`echomoe.train.sweep`.
 """
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None, run_fn=None) -> int:
             for path in write_wandb_sweep(args.sweep, args.emit_wandb):
                 print(f"wrote {path}  (wandb sweep {path}; wandb agent <sweep id>)")
             return 0
-        failed = []
+        failed, interrupted = [], []
         if not args.tables_only:
             runs = run_sweep(args.sweep, out_dir=args.out, run_fn=run_fn, only=args.only,
                              dry_run=args.dry_run, jobs=args.jobs)
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None, run_fn=None) -> int:
                 done = sum(r["status"] == "finished" for r in runs)
                 print(f"{len(runs)} runs, {done} finished, {len(runs) - done} to run")
                 return 0
-            failed = [r["run"] for r in runs if r.get("status") != "finished"]
+            failed = [r["run"] for r in runs if r.get("status") not in ("finished",
+                                                                         "interrupted")]
+            interrupted = [r["run"] for r in runs if r.get("status") == "interrupted"]
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -84,6 +87,12 @@ def main(argv: list[str] | None = None, run_fn=None) -> int:
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1
+    if interrupted:
+        from echomoe.train.loop import EXIT_INTERRUPTED
+
+        print(f"{len(interrupted)} runs interrupted (checkpoints saved; rerun to resume): "
+              f"{', '.join(interrupted)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

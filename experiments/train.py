@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     from echomoe.config import ConfigError, load_config
     from echomoe.train.experiment import run_experiment
+    from echomoe.train.loop import EXIT_INTERRUPTED
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -43,6 +44,10 @@ def main(argv=None) -> int:
     print(json.dumps(summary["metrics"], indent=2))
     print(f"summary: {summary['output_dir']}/summary.json; model: {summary['model_dir']}")
     print(summary["where"])
+    if summary.get("status") == "interrupted":
+        print("interrupted: a checkpoint is saved; run the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -164,6 +164,9 @@ def test_train_exit_status(monkeypatch, tmp_path, capsys):
                "status": "interrupted"}
     monkeypatch.setattr(experiment, "run_experiment", lambda cfg, progress=True: summary)
     config = str(REPO / "configs/experiments/report.yaml")
-    assert main(["train", config]) == 1                      # interrupted run
+    assert main(["train", config]) == 3                      # interrupted run: resumable
+    assert "run the same command to resume" in capsys.readouterr().err
+    summary["status"] = "failed"
+    assert main(["train", config]) == 1                      # failed run
     assert main(["train", config, "model.variant=mixture"]) == 1   # invalid config
     assert "mixture" in capsys.readouterr().err

@@ -60,6 +60,12 @@ from echomoe.train.optim import SCHEDULES, Stage, apply_stage, check_betas, stag
 
 BEST_DIRNAME = "best"
 
+EXIT_INTERRUPTED = 3
+"""Exit status of an entry point whose run stopped on SIGTERM / SIGINT after saving a
+checkpoint (0: finished, 1: failed or invalid); rerun the same command to resume."""
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 class NonFiniteLossError(FloatingPointError):
     """A loss or the gradient norm became NaN / inf; ``step`` and ``names`` say where."""
@@ -72,8 +78,8 @@ class NonFiniteLossError(FloatingPointError):
 
 class History(list):
     """The per-step records returned by :func:`train` (a ``list`` of dicts) plus run facts:
-    ``interrupted`` (stopped by SIGTERM), ``best`` (``{"step", "metric", "value"}`` or None),
-    ``last_checkpoint`` (path or None) and ``resumed_from`` (path or None)."""
+    ``interrupted`` (stopped by SIGTERM / SIGINT), ``best`` (``{"step", "metric", "value"}``
+    or None), ``last_checkpoint`` (path or None) and ``resumed_from`` (path or None)."""
 
     def __init__(self, *args: Any):
         super().__init__(*args)
@@ -404,7 +410,7 @@ def train(
             the best value of ``metric`` (``mode`` ``"min"`` / ``"max"``) is saved as
             ``checkpoint_dir/best`` (model weights, no optimiser state: for evaluation).
         checkpoint_dir: where ``step_*`` checkpoints go (``None``: no checkpoints, no resume).
-        checkpoint_every: save every n steps (0: only at the end / on SIGTERM).
+        checkpoint_every: save every n steps (0: only at the end / on SIGTERM / SIGINT).
         keep_last: ``step_*`` checkpoints kept.
         resume: continue from the latest checkpoint in ``checkpoint_dir`` when there is one.
         seed: seeds python / numpy / torch at a fresh start (a resume restores the saved RNG).
@@ -417,8 +423,9 @@ def train(
             time-sliced jobs); ``None``: run to ``steps``.
         log_fn: ``log_fn(step, record)`` after every step (records as in the history).
         progress: show a tqdm progress bar.
-        handle_sigterm: on SIGTERM finish the current step, save a checkpoint and return with
-            ``history.interrupted = True`` (main thread only).
+        handle_sigterm: on SIGTERM or SIGINT (Ctrl-C) finish the current step, save a
+            checkpoint and return with ``history.interrupted = True`` (main thread only); a
+            second SIGINT while it finishes raises ``KeyboardInterrupt`` at once.
         deepspeed: a DeepSpeed config (dict or JSON path): train with DeepSpeed ZeRO (see
             :class:`echomoe.distributed.zero.DeepSpeed`), in one process or under
             ``torchrun``.
@@ -501,14 +508,16 @@ def train(
     end = min(steps, stop_at) if stop_at is not None else steps
 
     stop = {"signal": None}
-    previous_handler = None
+    previous_handlers: dict[int, Any] = {}
     if handle_sigterm and threading.current_thread() is threading.main_thread():
-        def _on_sigterm(signum, frame):
+        def _on_signal(signum, frame):
+            if signum == signal.SIGINT and stop["signal"] is not None:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
             stop["signal"] = signum
-        previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous_handlers = {sig: signal.signal(sig, _on_signal) for sig in _STOP_SIGNALS}
     elif handle_sigterm:
-        warnings.warn("train() runs outside the main thread: no SIGTERM handler installed",
-                      stacklevel=2)
+        warnings.warn("train() runs outside the main thread: no SIGTERM / SIGINT handler "
+                      "installed", stacklevel=2)
 
     def save(at: int, stage_name: str | None) -> None:
         extra = {"best": best, "seed": seed, "stage": stage_name, "steps": steps}
@@ -595,11 +604,12 @@ def train(
             if interrupted:
                 history.interrupted = True
                 if ckpt_dir is None:
-                    warnings.warn("SIGTERM: stopping without a checkpoint (no checkpoint_dir)",
+                    name = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal"
+                    warnings.warn(f"{name}: stopping without a checkpoint (no checkpoint_dir)",
                                   stacklevel=2)
                 break
     finally:
         bar.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     return history

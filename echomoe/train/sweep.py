@@ -220,8 +220,8 @@ def run_sweep(sweep_path: str | os.PathLike, *, out_dir: str | os.PathLike | Non
 
 def _run_one(run_fn: RunFn, run: str, overrides: list[str], run_dir: Path,
              tag: str) -> dict[str, Any]:
-    """Run one run; return its summary (a ``failed`` summary, also written, if it raised or
-    wrote no finished summary)."""
+    """Run one run; return its summary (an ``interrupted`` one as the run wrote it; a ``failed``
+    summary, also written, if it raised or wrote no finished summary)."""
     started = time.perf_counter()
     error, tb = None, ""
     try:
@@ -230,6 +230,10 @@ def _run_one(run_fn: RunFn, run: str, overrides: list[str], run_dir: Path,
         error = f"{type(err).__name__}: {err}"
         tb = traceback.format_exc()
     summary = read_summary(run_dir)
+    if error is None and summary and summary.get("status") == "interrupted":
+        print(f"{tag}: interrupted (checkpoint saved; rerun the sweep to resume)",
+              file=sys.stderr, flush=True)
+        return summary
     if error is None and not _is_finished(summary):
         error, tb = f"run finished without a finished {SUMMARY} in {run_dir}", ""
     if error is not None:

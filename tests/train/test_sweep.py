@@ -58,9 +58,10 @@ def _value(overrides, key):
 class FakeRun:
     """A ``run_fn`` that records calls and writes a finished summary (or raises for ``fail``)."""
 
-    def __init__(self, fail=()):
+    def __init__(self, fail=(), interrupt=()):
         self.calls = []
         self.fail = set(fail)
+        self.interrupt = set(interrupt)
 
     def __call__(self, run_name, overrides):
         self.calls.append(run_name)
@@ -70,7 +71,8 @@ class FakeRun:
         out.mkdir(parents=True, exist_ok=True)
         seed = _value(overrides, "train.seed")
         summary = {"name": run_name, "variant": _value(overrides, "model.variant"), "seed": seed,
-                   "group": _value(overrides, "logging.group"), "status": "finished",
+                   "group": _value(overrides, "logging.group"),
+                   "status": "interrupted" if run_name in self.interrupt else "finished",
                    "metrics": {"eval/dice": 0.5 + 0.1 * seed}}
         (out / "summary.json").write_text(json.dumps(summary))
 
@@ -125,6 +127,17 @@ def test_failed_run_is_recorded_and_sweep_continues(tmp_path, demo):
     fixed = FakeRun()
     run_sweep(demo, out_dir=tmp_path, run_fn=fixed)
     assert fixed.calls == ["moe_topk-seed0"]
+
+
+def test_interrupted_run_keeps_its_summary_and_resumes(tmp_path, demo):
+    fake = FakeRun(interrupt={"moe_topk-seed0"})
+    runs = run_sweep(demo, out_dir=tmp_path, run_fn=fake)
+    assert [r["status"] for r in runs] == ["finished", "interrupted", "finished", "finished"]
+    saved = json.loads((tmp_path / "moe_topk-seed0" / "summary.json").read_text())
+    assert saved["status"] == "interrupted"  # not overwritten as a failure
+    resumed = FakeRun()
+    run_sweep(demo, out_dir=tmp_path, run_fn=resumed)
+    assert resumed.calls == ["moe_topk-seed0"]
 
 
 def test_parallel_jobs_run_in_worker_processes_and_record_failures(tmp_path, demo):
@@ -239,3 +252,7 @@ def test_cli(tmp_path, demo, plain_demo, capsys):
     assert main([str(plain_demo), "--emit-wandb", str(tmp_path / "w.yaml")]) == 0
     assert yaml.safe_load((tmp_path / "w.yaml").read_text())["method"] == "grid"
     assert main([str(demo), "--only", "nope"]) == 1
+    interrupted = tmp_path / "i"
+    assert main([str(demo), "--out", str(interrupted)],
+                run_fn=FakeRun(interrupt={"dense-seed0"})) == 3
+    assert "1 runs interrupted" in capsys.readouterr().err

@@ -148,7 +148,8 @@ SIGTERM_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sigterm_saves_a_checkpoint_then_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_saves_a_checkpoint_then_exits_cleanly(tmp_path, sig):
     script = tmp_path / "run.py"
     script.write_text(SIGTERM_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
@@ -159,7 +160,7 @@ def test_sigterm_saves_a_checkpoint_then_exits_cleanly(tmp_path):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "training did not reach step 1"
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "interrupted True" in stdout
