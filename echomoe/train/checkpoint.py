@@ -22,6 +22,13 @@ writes its own optimiser / scheduler / RNG state as ``training_state.pt`` (rank 
 ``training_state_rank<r>.pt``; under DeepSpeed the optimiser state is DeepSpeed's own sharded
 checkpoint in ``deepspeed/``.  Resuming needs the same number of processes.
 
+**Integrity.**  A checkpoint is verified before it is renamed into place
+(:func:`verify_checkpoint`: ``meta.json`` parses, ``model.safetensors``'s header and data
+length agree, every ``training_state*.pt`` loads), so a bad write never becomes the latest.
+On resume, :func:`latest_valid_checkpoint` skips a damaged latest checkpoint (a truncated or
+garbled file, written by something else or damaged on disk) with a warning naming the file, and
+resumes from the newest intact one.
+
 **Pickle.**  ``training_state.pt`` is loaded with ``torch.load(weights_only=True)``: optimiser
 and :func:`~echomoe.train.optim.warmup_cosine_scheduler` states hold only tensors, numbers,
 strings, lists, tuples and dicts, and the RNG states are stored in that form too (the numpy key
@@ -53,6 +60,10 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that does not read back; the message names the file."""
 
 
 def step_dirname(step: int) -> str:
@@ -178,6 +189,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         _write_files(tmp, model, optimizer, scheduler, step, data_state, extra)
+        verify_checkpoint(tmp)
         swap_in_dir(tmp, path, token)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -255,6 +267,59 @@ def load_checkpoint(
         set_rng_state(state["rng"])
     return {"step": meta["step"], "data_state": meta["data_state"], "extra": meta["extra"],
             "path": path}
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check that every file of the checkpoint at ``path`` reads back, without loading the
+    weights into a model: ``meta.json`` (format and step), ``model.safetensors`` (its header,
+    and that the data it declares is all there) and each ``training_state*.pt``
+    (``torch.load(weights_only=True, mmap=True)``).  Returns the meta.
+
+    Raises:
+        CorruptCheckpointError: naming the first file that does not read back.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta_file = path / META_FILE
+    try:
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("step"), int):
+            raise ValueError(f"format {meta.get('format')!r} / step {meta.get('step')!r}")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CorruptCheckpointError(f"{meta_file}: unreadable checkpoint meta "
+                                     f"({type(err).__name__}: {err})") from err
+    model_file = path / MODEL_FILE
+    if model_file.exists():
+        try:
+            with safe_open(str(model_file), framework="pt") as f:
+                sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+            del sizes
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise CorruptCheckpointError(f"{model_file}: unreadable weights "
+                                         f"({type(err).__name__}: {err})") from err
+    for state_file in sorted(path.glob("training_state*.pt")):
+        try:
+            torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            pass  # readable, but needs trust_pickle: load_checkpoint says so
+        except Exception as err:  # RuntimeError (truncated zip), EOFError, ...
+            raise CorruptCheckpointError(f"{state_file}: unreadable training state "
+                                         f"({type(err).__name__}: {err})") from err
+    return meta
+
+
+def latest_valid_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest ``step_*`` checkpoint that passes :func:`verify_checkpoint`; each newer
+    damaged one is skipped with a warning naming its file.  ``None`` when there is none."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+        except CorruptCheckpointError as err:
+            warnings.warn(f"skipping a damaged checkpoint: {err}", stacklevel=2)
+            continue
+        return path
+    return None
 
 
 # ----------------------------------------------------------------------------- listing

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from echomoe.train.checkpoint import (
-    latest_checkpoint,
+    latest_valid_checkpoint,
     prune_checkpoints,
     remove_stale_tmp,
     rng_state,
@@ -492,7 +492,7 @@ def train(
         if main:
             remove_stale_tmp(ckpt_dir)
         barrier()
-        latest = latest_checkpoint(ckpt_dir) if resume else None
+        latest = latest_valid_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
         info = strategy.load(latest)
         step, data_state = info["step"], info["data_state"]

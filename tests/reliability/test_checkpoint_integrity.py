@@ -1,0 +1,82 @@
+"""A damaged latest checkpoint (truncated weights, truncated training state, garbled meta) is
+skipped with a warning naming the file, and training resumes from the previous intact one;
+checkpoints are verified when written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from echomoe.train import checkpoint as ckpt_module
+from echomoe.train import train
+from echomoe.train.checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    CorruptCheckpointError,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x, y):
+        return type("Out", (), {"loss": ((self.lin(x) - y) ** 2).mean(), "losses": {}})()
+
+
+def _batches(epoch):
+    g = torch.Generator().manual_seed(epoch)
+    return [{"x": torch.randn(4, 3, generator=g), "y": torch.randn(4, 1, generator=g)}
+            for _ in range(3)]
+
+
+def _run(tmp_path, steps, **kw):
+    torch.manual_seed(0)
+    return train(Toy(), _batches, steps=steps, lr=1e-2, checkpoint_dir=tmp_path,
+                 checkpoint_every=2, keep_last=5, progress=False, **kw)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: _truncate(p / MODEL_FILE),
+    lambda p: _truncate(p / STATE_FILE),
+    lambda p: (p / "meta.json").write_text("{not json"),
+], ids=["truncated weights", "truncated state", "garbled meta"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
+    _run(tmp_path, 6)
+    assert [p.name for p in list_checkpoints(tmp_path)][-2:] == ["step_00000004",
+                                                                 "step_00000006"]
+    latest = list_checkpoints(tmp_path)[-1]
+    damage(latest)
+    with pytest.raises(CorruptCheckpointError, match="step_00000006"):
+        verify_checkpoint(latest)
+    with pytest.warns(UserWarning, match="damaged checkpoint: .*step_00000006"):
+        assert latest_valid_checkpoint(tmp_path).name == "step_00000004"
+    with pytest.warns(UserWarning, match="step_00000006"):
+        history = _run(tmp_path, 8)
+    assert history.resumed_from.name == "step_00000004"
+    assert [r["step"] for r in history] == [5, 6, 7, 8]
+
+
+def test_checkpoints_are_verified_before_they_become_visible(tmp_path, monkeypatch):
+    def broken_write(tmp, *args):
+        real_write(tmp, *args)
+        (tmp / "meta.json").write_text(json.dumps({"format": 1, "step": "x"}))
+
+    real_write = ckpt_module._write_files
+    monkeypatch.setattr(ckpt_module, "_write_files", broken_write)
+    with pytest.raises(CorruptCheckpointError, match="meta.json"):
+        save_checkpoint(tmp_path / "step_00000001", Toy(), step=1)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
