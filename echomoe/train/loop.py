@@ -50,6 +50,7 @@ from torch import nn
 from echomoe.train.checkpoint import (
     latest_valid_checkpoint,
     prune_checkpoints,
+    read_meta,
     remove_stale_tmp,
     rng_state,
     seed_everything,
@@ -412,7 +413,8 @@ def train(
         checkpoint_dir: where ``step_*`` checkpoints go (``None``: no checkpoints, no resume).
         checkpoint_every: save every n steps (0: only at the end / on SIGTERM / SIGINT).
         keep_last: ``step_*`` checkpoints kept.
-        resume: continue from the latest checkpoint in ``checkpoint_dir`` when there is one.
+        resume: continue from the latest intact checkpoint in ``checkpoint_dir`` when there is
+            one (a checkpoint of a run with other ``steps`` is refused: the schedule spans them).
         seed: seeds python / numpy / torch at a fresh start (a resume restores the saved RNG).
         stages: staged training (:class:`~echomoe.train.optim.Stage`): each stage trains its
             ``trainable`` parameters at ``lr * schedule(step) * stage.lr_scale`` (every
@@ -494,6 +496,13 @@ def train(
         barrier()
         latest = latest_valid_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
+        saved_steps = read_meta(latest)["extra"].get("steps")
+        if saved_steps is not None and saved_steps != steps:
+            raise ValueError(
+                f"{latest} was saved by a run of {saved_steps} steps and this one asks for "
+                f"{steps}: the learning-rate schedule spans all the steps, so resuming would "
+                f"bend it mid-run.  Resume with steps={saved_steps} (train.steps), or start a "
+                "new run (another checkpoint_dir / output_dir, or resume=False)")
         info = strategy.load(latest)
         step, data_state = info["step"], info["data_state"]
         best = info["extra"].get("best")

@@ -55,7 +55,7 @@ def _truncate(path):
     lambda p: (p / "meta.json").write_text("{not json"),
 ], ids=["truncated weights", "truncated state", "garbled meta"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
-    _run(tmp_path, 6)
+    _run(tmp_path, 8, stop_at=6)
     assert [p.name for p in list_checkpoints(tmp_path)][-2:] == ["step_00000004",
                                                                  "step_00000006"]
     latest = list_checkpoints(tmp_path)[-1]
@@ -80,3 +80,44 @@ def test_checkpoints_are_verified_before_they_become_visible(tmp_path, monkeypat
     with pytest.raises(CorruptCheckpointError, match="meta.json"):
         save_checkpoint(tmp_path / "step_00000001", Toy(), step=1)
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_resuming_with_other_steps_is_refused_clearly(tmp_path):
+    _run(tmp_path, 4)
+    with pytest.raises(ValueError, match=r"step_00000004 was saved by a run of 4 steps and "
+                                         r"this one asks for 10.*Resume with steps=4"):
+        _run(tmp_path, 10)
+    assert [r["step"] for r in _run(tmp_path, 10, resume=False)][-1] == 10  # a new run is fine
+
+
+# ----------------------------------------------------------------------------- model loading
+def test_loading_a_mismatched_checkpoint_is_an_error_unless_asked(tmp_path):
+    from echomoe.models import build_model
+    from echomoe.models.modeling import EchoMoEForConditionalGeneration
+    from echomoe.train import apply_lora, merge_lora
+
+    model = build_model("tiny", "dense").eval()
+    apply_lora(model, target_modules=["q_proj"], r=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)  # trained adapters: outputs differ from the base model
+    ids = torch.randint(10, 200, (2, 6))
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "unmerged")
+    with pytest.raises(ValueError, match=r"unmerged: the checkpoint does not match the model: "
+                                         r"missing keys \(4\).*q_proj.weight.*unexpected keys"):
+        EchoMoEForConditionalGeneration.from_pretrained(tmp_path / "unmerged")
+    loose = EchoMoEForConditionalGeneration.from_pretrained(tmp_path / "unmerged",
+                                                            allow_missing_keys=True)
+    assert loose is not None
+    # merged, the saved model reloads with its trained attention weights
+    merge_lora(model)
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "merged")
+    back = EchoMoEForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
