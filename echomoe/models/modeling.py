@@ -133,8 +133,31 @@ class EchoMoEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Every submodule initialises itself on construction; loading fills the rest.
+        # Every submodule initialises itself on construction; loading fills the rest (and
+        # from_pretrained refuses checkpoints that would leave a weight unfilled).
         return
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, allow_missing_keys: bool = False, **kwargs: Any):
+        """``PreTrainedModel.from_pretrained``, but a checkpoint whose keys do not match the
+        model (missing, unexpected or mismatched weights: another architecture, a LoRA run's
+        unmerged adapters) is a ``ValueError`` listing them, instead of a warning and weights
+        left at their initial values.  ``allow_missing_keys=True`` loads it anyway (for
+        upcycling or adding a head), with transformers' report; ``output_loading_info=True``
+        returns ``(model, info)`` as usual."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        bad = {key: sorted(info.get(key) or []) for key in
+               ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
+        if bad and not allow_missing_keys:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            listed = "; ".join(f"{key.replace('_', ' ')} ({len(names)}): "
+                               f"{', '.join(map(str, names[:4]))}"
+                               f"{', ...' if len(names) > 4 else ''}"
+                               for key, names in bad.items())
+            raise ValueError(f"{where}: the checkpoint does not match the model: {listed}. "
+                             "Pass allow_missing_keys=True to load it anyway.")
+        return (model, info) if want_info else model
 
 
 class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
@@ -332,6 +355,9 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
             raise TypeError(_unexpected_kwargs_message(unexpected, self.forward))
         if input_ids is None:
             raise ValueError("input_ids is required")
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, seq_len) batch, got shape "
+                             f"{tuple(input_ids.shape)}")
         if past_key_values is not None:
             if cache is not None:
                 raise ValueError("give the LM cache as cache or past_key_values, not both")

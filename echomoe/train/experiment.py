@@ -193,7 +193,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     from echomoe.models.builders import count_parameters
     from echomoe.train.checkpoint import seed_everything
     from echomoe.train.loop import MultiTaskBatches, make_loss_eval, train
-    from echomoe.train.optim import Stage, apply_lora
+    from echomoe.train.optim import Stage, apply_lora, merge_lora
 
     t, e, lg = cfg.train, cfg.eval, cfg.logging
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -298,6 +298,8 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         masks = predicted_masks(model, collator, test_samples, lg.num_predictions)
         logger.log_predictions(result.records, test_samples, lg.num_predictions,
                                pred_masks=masks, step=step)
+        if t.lora.enabled:  # the saved model is the plain architecture with merged weights
+            merge_lora(model)
         save_pretrained_consolidated(model, out / "model")  # every rank; rank 0 writes
         if main:
             processor.save_pretrained(out / "model")

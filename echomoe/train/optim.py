@@ -468,6 +468,24 @@ def clip_gradients(model_or_params: nn.Module | Iterable[torch.Tensor],
 
 
 # ----------------------------------------------------------------------------- LoRA
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the LoRA adapters of :func:`apply_lora` into their base weights and put the plain
+    layers back, *in place*; returns ``model``.  Its ``state_dict`` then has the keys of the
+    model without LoRA, so ``save_pretrained`` gives a checkpoint that reloads with its trained
+    weights (unmerged, ``q_proj.base_layer.weight`` and ``lora_A`` / ``lora_B`` would not
+    match any weight of a fresh model).  A model without adapters is returned unchanged."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, LoraLayer)]
+    for name, module in layers:
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+    return model
+
+
 def apply_lora(
     model: nn.Module,
     *,

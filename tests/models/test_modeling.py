@@ -126,6 +126,13 @@ def test_forward_rejects_unknown_keywords_with_a_suggestion():
     assert torch.equal(plain, same)
 
 
+def test_an_empty_batch_is_refused_clearly():
+    model = make_model("region_soft").eval()
+    with pytest.raises(ValueError, match=r"non-empty \(batch, seq_len\) batch, got shape "
+                                         r"\(0, 5\)"):
+        model(input_ids=torch.zeros(0, 5, dtype=torch.long))
+
+
 def test_save_load_round_trip(tmp_path):
     model = make_model("region_hard").eval()
     inputs = {k: batch(model)[k] for k in ("input_ids", "pixel_values", "region_ids")}
