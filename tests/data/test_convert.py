@@ -64,7 +64,8 @@ def test_bad_requests_are_clear(echovlm, tmp_path):
         load_source("dicom", tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="nothing to convert"):
+    with pytest.raises(ValueError, match="nothing to convert"), \
+            pytest.warns(UserWarning, match="empty: no DICOM files found"):
         convert("dicom", empty, tmp_path / "out")
 
 

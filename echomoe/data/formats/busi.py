@@ -44,8 +44,8 @@ def _case_files(folder: Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
     """Images by case name, and each case's mask files (``_mask`` first, then ``_mask_k``)."""
     images, masks = {}, {}
     for f in folder.iterdir():
-        if not f.is_file() or f.suffix.lower() != ".png":
-            continue
+        if f.suffix.lower() != ".png" or f.is_dir():
+            continue  # a broken symlink is kept: loading it reports it, nothing is dropped
         m = _MASK.match(f.stem)
         if m:
             k = int(m["k"]) if m["k"] is not None else -1
@@ -110,4 +110,4 @@ def load_busi(root: str | Path, strict: bool = True) -> LoadResult:
         for case in sorted(set(masks) - set(images), key=_natural_key):
             with result.guard(strict, masks[case][0], f"{label}/{case}"):
                 raise MissingImageError(f"mask file(s) without an image {case + '.png'!r}")
-    return result
+    return result.warn_if_empty(root, "cases")

@@ -194,7 +194,8 @@ def read_dicom(path: str | Path, *, grayscale: bool = True,
 
     path = Path(path)
     if not path.is_file():
-        raise MissingImageError(f"DICOM file {str(path)!r} does not exist")
+        kind = "is a broken or looping symlink" if path.is_symlink() else "does not exist"
+        raise MissingImageError(f"DICOM file {str(path)!r} {kind}")
     try:
         ds = pydicom.dcmread(path, force=is_dicom(path))
     except Exception as err:
@@ -234,13 +235,14 @@ def read_dicom(path: str | Path, *, grayscale: bool = True,
 
 def find_dicom_files(root: str | Path) -> list[Path]:
     """``root`` itself if it is a file, else every DICOM file below it (by the ``DICM``
-    preamble, any extension), sorted."""
+    preamble, any extension) and every broken symlink (so loading reports it), sorted."""
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise MissingImageError(f"DICOM source {str(root)!r} does not exist")
-    return sorted(p for p in root.rglob("*") if p.is_file() and is_dicom(p))
+    broken = [p for p in root.rglob("*") if p.is_symlink() and not p.exists()]
+    return sorted([p for p in root.rglob("*") if p.is_file() and is_dicom(p)] + broken)
 
 
 def load_dicom(source: str | Path | Sequence[str | Path], *, region: str | None = None,
@@ -281,4 +283,4 @@ def load_dicom(source: str | Path | Sequence[str | Path], *, region: str | None 
         result.samples.append(UltrasoundSample(
             id=name, images=image.frames, region=region, pixel_spacing=spacing,
             diagnosis=diagnosis, source="dicom"))
-    return result
+    return result.warn_if_empty(source, "DICOM files")

@@ -307,6 +307,8 @@ def load_echovlm_json(
         raise MalformedRecordError(
             f"invalid JSON ({err.msg} at column {err.colno})", file=path, line=err.lineno
         ) from err
+    except RecursionError as err:
+        raise MalformedRecordError("JSON nested too deeply to parse", file=path) from err
     if isinstance(data, dict):  # a single record
         data = [data]
     if not isinstance(data, list):
@@ -322,4 +324,4 @@ def load_echovlm_json(
                 raise DuplicateIdError(f"id {sample.id!r} occurs more than once")
             seen.add(sample.id)
             result.samples.append(sample)
-    return result
+    return result.warn_if_empty(path, "records")

@@ -167,6 +167,15 @@ class LoadResult:
     def __getitem__(self, i):
         return self.samples[i]
 
+    def warn_if_empty(self, source: str | Path, what: str = "records") -> LoadResult:
+        """Warn (naming ``source``) when nothing was loaded or skipped: an empty folder or a
+        wrong path is reported, not returned as a silently empty dataset.  Returns ``self``."""
+        if not self.samples and not self.skipped:
+            import warnings
+
+            warnings.warn(f"{source}: no {what} found", stacklevel=3)
+        return self
+
     def summary(self) -> str:
         """One line per skipped record after a count line."""
         lines = [f"loaded {len(self.samples)} samples, skipped {len(self.skipped)}"]
@@ -210,6 +219,25 @@ _REGION_ALIASES = {
 }
 
 
+def csv_rows(reader: Iterator[Any], path: str | Path) -> Iterator[Any]:
+    """The rows of a ``csv`` reader, with its failures as :class:`MalformedRecordError` naming
+    the file and line: a field over ``csv.field_size_limit()``, a NUL byte, bytes that are not
+    UTF-8.  (The rows read before it are kept.)"""
+    import csv
+
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, UnicodeDecodeError) as err:
+            done = getattr(reader, "line_num", None)  # lines of the records parsed so far
+            line = None if done is None else done + 1
+            raise MalformedRecordError(f"unreadable CSV ({type(err).__name__}: {err})",
+                                       file=path, line=line) from err
+        yield row
+
+
 def check_region(name: Any) -> str:
     """``name`` normalised (case, spaces, a few aliases) and checked against the region list."""
     if name is None:
@@ -223,23 +251,34 @@ def check_region(name: Any) -> str:
     return norm
 
 
+def _absent(path: Path, what: str, error: type[FormatError] = None) -> FormatError:
+    """The error for a file that is not there: a broken or looping symlink is named as one."""
+    error = error or MissingImageError
+    if path.is_symlink():
+        return error(f"{what} file {str(path)!r} is a broken or looping symlink")
+    return error(f"{what} file {str(path)!r} does not exist")
+
+
 def _open_error(path: Path, what: str, err: Exception) -> CorruptImageError:
     return CorruptImageError(f"cannot read {what} {str(path)!r} ({type(err).__name__}: {err})")
 
 
 def verify_image(path: Path, what: str = "image") -> tuple[int, int]:
-    """Check that ``path`` exists and is a decodable image (any PIL format, or DICOM); return
-    its ``(width, height)``."""
+    """Check that ``path`` exists and decodes completely (any PIL format, or DICOM); return
+    its ``(width, height)``.  The pixels are decoded once here, so a file with a valid header
+    but corrupt or truncated data fails at load, naming the file, not later in training."""
     from PIL import Image
 
     if not path.is_file():
-        raise MissingImageError(f"{what} file {str(path)!r} does not exist")
+        raise _absent(path, what)
     if is_dicom(path):
         return _dicom_size(path, what)
     try:
         with Image.open(path) as im:
             size = im.size
             im.verify()
+        with Image.open(path) as im:
+            im.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ...
         raise _open_error(path, what, err) from err
     return size
@@ -262,7 +301,7 @@ def read_image(path: Path, what: str = "image", mode: str = "L") -> np.ndarray:
     from PIL import Image
 
     if not path.is_file():
-        raise MissingImageError(f"{what} file {str(path)!r} does not exist")
+        raise _absent(path, what)
     try:
         if mode == "label" and not is_dicom(path):
             with Image.open(path) as im:
@@ -276,10 +315,26 @@ def read_image(path: Path, what: str = "image", mode: str = "L") -> np.ndarray:
 
 
 def read_mask(path: Path, shape: tuple[int, int], what: str = "mask") -> np.ndarray:
-    """A binary mask file (any non-zero pixel is foreground), checked against ``shape``."""
+    """A binary mask file (any non-zero pixel is foreground), checked against ``shape``.
+
+    A mask with transparency (RGBA, LA, or a palette with a transparent entry) whose alpha
+    varies is read from its alpha channel (foreground = not fully transparent): annotation
+    tools often export the mask as alpha over black, which a gray conversion would read as
+    empty.  An opaque one is read from its gray values."""
+    from PIL import Image
+
     if not path.is_file():
-        raise MissingMaskError(f"{what} file {str(path)!r} does not exist")
-    mask = read_image(path, what) > 0
+        raise _absent(path, what, MissingMaskError)
+    alpha = None
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                a = np.asarray(im.convert("RGBA"))[..., 3]
+                if a.min() != a.max():
+                    alpha = a > 0
+    except Exception as err:  # PIL raises OSError, SyntaxError, ...
+        raise _open_error(path, what, err) from err
+    mask = alpha if alpha is not None else read_image(path, what) > 0
     check_mask_shape(mask.shape, shape, path)
     return mask
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from echomoe.data.formats.errors import (
+    DuplicateIdError,
     FormatError,
     InvalidValueError,
     LoadResult,
@@ -32,6 +33,7 @@ from echomoe.data.formats.errors import (
     MissingMaskError,
     check_mask_shape,
     check_region,
+    csv_rows,
     mask_bbox,
     parse_point,
     read_image,
@@ -149,7 +151,8 @@ def _parse_row(row: dict[str, str], root: Path, csv_path: Path) -> UltrasoundSam
     )
 
 
-def _load_csv(csv_path: Path, root: Path, strict: bool, result: LoadResult) -> None:
+def _load_csv(csv_path: Path, root: Path, strict: bool, result: LoadResult,
+              seen: dict[str, str]) -> None:
     with result.guard(strict, csv_path, line=1):
         try:
             handle = csv_path.open(newline="", encoding="utf-8-sig")
@@ -165,13 +168,18 @@ def _load_csv(csv_path: Path, root: Path, strict: bool, result: LoadResult) -> N
                     f" (have: {', '.join(header) or 'no header'})"
                 )
             reader.fieldnames = header
-            for raw in reader:
+            for raw in csv_rows(reader, csv_path):
                 row = {k: (v.strip() if isinstance(v, str) else v) for k, v in raw.items()}
                 name = row.get("id") or row.get("image_path") or None
                 with result.guard(strict, csv_path, name, reader.line_num):
                     if None in row:
                         raise InvalidValueError(f"{len(row[None])} more value(s) than columns")
-                    result.samples.append(_parse_row(row, root, csv_path))
+                    sample = _parse_row(row, root, csv_path)
+                    first = seen.setdefault(sample.id, f"{csv_path.name}:{reader.line_num}")
+                    if first != f"{csv_path.name}:{reader.line_num}":
+                        raise DuplicateIdError(f"id {sample.id!r} occurs twice (first at "
+                                               f"{first}): conflicting labels for one case")
+                    result.samples.append(sample)
 
 
 def load_fmuia_csv(root: str | Path, strict: bool = True) -> LoadResult:
@@ -192,7 +200,7 @@ def load_fmuia_csv(root: str | Path, strict: bool = True) -> LoadResult:
     root = Path(root)
     files = _csv_files(root)
     base = root.parent if root.is_file() else root
-    result = LoadResult()
+    result, seen = LoadResult(), {}
     for csv_path in files:
-        _load_csv(csv_path, base, strict, result)
-    return result
+        _load_csv(csv_path, base, strict, result, seen)
+    return result.warn_if_empty(root, "CSV rows")

@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from echomoe.data.formats.errors import (
+    DuplicateIdError,
     FormatError,
     LoadResult,
     MaskLabelError,
     MissingFieldError,
     MissingMaskError,
     check_mask_shape,
+    csv_rows,
     mask_bbox,
     read_image,
     to_float,
@@ -135,10 +137,11 @@ def load_hc18(root: str | Path, strict: bool = True) -> LoadResult:
         raise FormatError("no training_set/ folder", file=root)
     csv_path = _find_csv(root)
     result, listed, header_ok = LoadResult(), set(), False
+    lines: dict[str, int] = {}  # filename -> the CSV line that lists it first
     guard = result.guard(strict, csv_path, line=1)
     with guard, csv_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        header = next(reader, [])
+        header = next(csv_rows(reader, csv_path), [])
         keys = [_COLUMNS.get("".join(h.split()).lower()) for h in header]
         missing = [_HEADERS[k] for k in _HEADERS if k not in keys]
         if missing:
@@ -146,16 +149,20 @@ def load_hc18(root: str | Path, strict: bool = True) -> LoadResult:
                 f"missing column(s) {', '.join(map(repr, missing))} (have: {', '.join(header)})"
             )
         header_ok = True
-        for values in reader:
+        for values in csv_rows(reader, csv_path):
             if not any(v.strip() for v in values):
                 continue
             row = {k: v.strip() for k, v in zip(keys, values, strict=False) if k is not None}
             name = Path(row.get("filename") or "?").stem
-            listed.add(row.get("filename", ""))
             with result.guard(strict, csv_path, name, reader.line_num):
+                first = lines.setdefault(row.get("filename", ""), reader.line_num)
+                if first != reader.line_num:
+                    raise DuplicateIdError(f"{row.get('filename')!r} is listed twice (lines "
+                                           f"{first} and {reader.line_num})")
+                listed.add(row.get("filename", ""))
                 result.samples.append(_load_case(folder, row))
     for image in sorted(folder.glob("*HC.png")) if header_ok else []:
         if image.name not in listed:
             with result.guard(strict, image, image.stem):
                 raise MissingFieldError(f"image has no row in {csv_path.name}")
-    return result
+    return result.warn_if_empty(root, "cases")

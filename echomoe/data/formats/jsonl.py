@@ -54,7 +54,7 @@ def _check_text(record: dict[str, Any], key: str) -> str:
     return value
 
 
-def _boxes(value: Any) -> list[dict[str, Any]]:
+def _boxes(value: Any, size: tuple[int, int]) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise InvalidValueError("'boxes' must be a list of {'label', 'bbox'}")
     out = []
@@ -67,6 +67,10 @@ def _boxes(value: Any) -> list[dict[str, Any]]:
         coords = [to_float(v, f"boxes[{k}].bbox") for v in bbox]
         if coords[2] < coords[0] or coords[3] < coords[1]:
             raise InvalidValueError(f"boxes[{k}].bbox has x_max < x_min or y_max < y_min")
+        w, h = size
+        if coords[0] < 0 or coords[1] < 0 or coords[2] > w - 1 or coords[3] > h - 1:
+            raise InvalidValueError(f"boxes[{k}].bbox {bbox} lies outside the {w}x{h} image "
+                                    f"(inclusive pixel indices 0..{w - 1}, 0..{h - 1})")
         coords = [int(c) if c.is_integer() else c for c in coords]
         out.append({**box, "label": str(box.get("label", "lesion")), "bbox": coords})
     return out
@@ -123,6 +127,10 @@ def _parse_record(record: Any, base: Path) -> UltrasoundSample:
     if not isinstance(keypoints, dict):
         raise InvalidValueError("'keypoints' must map names to [x, y]")
     keypoints = {k: parse_point(v, f"keypoints.{k}") for k, v in keypoints.items()}
+    for name, (x, y) in keypoints.items():
+        if not (-0.5 <= x <= size[0] - 0.5 and -0.5 <= y <= size[1] - 0.5):
+            raise InvalidValueError(f"keypoints.{name} ({x}, {y}) lies outside the "
+                                    f"{size[0]}x{size[1]} image")
 
     attributes = record.get("attributes") or {}
     if not isinstance(attributes, dict) or not all(
@@ -139,7 +147,7 @@ def _parse_record(record: Any, base: Path) -> UltrasoundSample:
         pixel_spacing=None if spacing is None else to_float(spacing, "pixel_spacing",
                                                             positive=True),
         masks=masks,
-        boxes=_boxes(record.get("boxes") or []),
+        boxes=_boxes(record.get("boxes") or [], size),
         keypoints=keypoints,
         attributes=dict(attributes),
         findings=_check_text(record, "findings"),
@@ -166,21 +174,26 @@ def load_jsonl(path: str | Path, strict: bool = True) -> LoadResult:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        data = path.read_bytes()
+    except OSError as err:
         raise FormatError(f"cannot read manifest ({err})", file=path) from err
     result, seen = LoadResult(), set()
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
             continue
         name = None
         with result.guard(strict, path, None, lineno):
-            try:
-                record = json.loads(line)
+            try:  # per line: one bad line is one skipped record, not a lost file
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise MalformedRecordError(f"not UTF-8 ({err.reason} at byte {err.start})"
+                                           ) from err
             except json.JSONDecodeError as err:
                 raise MalformedRecordError(
                     f"invalid JSON ({err.msg} at column {err.colno})"
                 ) from err
+            except RecursionError as err:
+                raise MalformedRecordError("JSON nested too deeply to parse") from err
             if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
                 name = str(record["id"])
             try:
@@ -192,4 +205,4 @@ def load_jsonl(path: str | Path, strict: bool = True) -> LoadResult:
                 raise
             seen.add(sample.id)
             result.samples.append(sample)
-    return result
+    return result.warn_if_empty(path, "records")
