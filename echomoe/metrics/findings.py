@@ -30,6 +30,7 @@ group with no slots gets NaN.  Empty or unparseable text gives FNs, never an err
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ from echomoe.data.synthetic.reports import parse_findings
 
 __all__ = [
     "DEFAULT_TOLERANCES", "NUMERIC_KEYS", "SIZE_KEYS", "slot_counts", "finding_f1",
-    "size_error_mm", "diagnosis_metrics", "roc_auc",
+    "size_error_mm", "diagnosis_metrics", "roc_auc", "diagnosis_label", "normalize_label",
 ]
 
 DEFAULT_TOLERANCES: dict[str, float] = {
@@ -343,3 +344,38 @@ def diagnosis_metrics(pred_labels: Sequence[Any], true_labels: Sequence[str],
             seen = {*t_r, *(p for p in p_r if p in set(labels))}
             out["per_region"][r] = _diagnosis_core(p_r, t_r, [c for c in labels if c in seen])
     return out
+
+
+def normalize_label(text: str) -> str:
+    """A diagnosis label's canonical form: lower case, hyphens between letters dropped, other
+    hyphens and spaces -> ``_`` (``"BI-RADS 4"`` -> ``birads_4``, ``"Benign"`` -> ``benign``)."""
+    norm = re.sub(r"(?<=[a-z])-(?=[a-z])", "", str(text).strip().lower())
+    return re.sub(r"[\s\-]+", "_", norm).strip("_.,;:!?")
+
+
+def diagnosis_label(region: str, text: str, classes: Sequence[str] = ()) -> str | None:
+    """The diagnosis label stated by generated ``text`` for a sample of ``region``.
+
+    The diagnosis task's reference *is* a label (``"birads_4"``, ``"renal_cyst"``), so first the
+    normalised text (:func:`normalize_label`) is matched against the region's labels
+    (:data:`echomoe.data.synthetic.vocab.DIAGNOSES`) and the dataset's own ``classes``
+    (normalised too: a real dataset's ``benign`` / ``malignant``): an exact match, else the
+    first label that occurs as a whole word; free text (a report) of a synthetic region falls
+    back to :func:`~echomoe.data.synthetic.reports.parse_diagnosis`.  Without any label to
+    match, the normalised text itself is returned (``None`` when empty).  Compare the result
+    with ``normalize_label(reference)``.
+    """
+    from echomoe.data.synthetic.reports import parse_diagnosis
+    from echomoe.data.synthetic.vocab import DIAGNOSES
+
+    norm = normalize_label(text)
+    synthetic = list(DIAGNOSES.get(region, ()))
+    labels = list(dict.fromkeys([*synthetic, *(normalize_label(c) for c in classes)]))
+    if not labels:
+        return norm or None
+    if norm in labels:
+        return norm
+    for label in labels:
+        if re.search(rf"(?<![a-z0-9]){re.escape(label)}(?![a-z0-9])", norm):
+            return label
+    return parse_diagnosis(region, str(text)) if synthetic else None

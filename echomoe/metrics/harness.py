@@ -44,7 +44,7 @@ How it runs (all deterministic):
    vqa          :func:`~echomoe.metrics.vqa.vqa_metrics` (closed accuracy, open exact match,
                 token F1)
    diagnosis    accuracy / macro-F1 of the label read from the generated text
-                (:func:`diagnosis_label`) vs the sample's diagnosis
+                (:func:`~echomoe.metrics.findings.diagnosis_label`) vs the sample's diagnosis
    segment      Dice, IoU, HD95 (mm) of the predicted mask vs the reference mask *resized to
                 the model's image size* ``S x S`` (nearest neighbour, as in training); HD95 uses
                 the pixel spacing scaled to that grid, ``(spacing * H / S, spacing * W / S)``
@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,7 +80,13 @@ from echomoe.data.schema import UltrasoundSample, from_hf_dataset
 from echomoe.data.tasks import TASKS, build_task, primary_box, primary_mask_name
 from echomoe.data.tokenizer import DET_TOKEN, IMAGE_TOKEN, KPT_TOKEN, SEG_TOKEN
 from echomoe.metrics.detection import box_iou, inclusive_to_edges
-from echomoe.metrics.findings import diagnosis_metrics, finding_f1, size_error_mm
+from echomoe.metrics.findings import (
+    diagnosis_label,
+    diagnosis_metrics,
+    finding_f1,
+    normalize_label,
+    size_error_mm,
+)
 from echomoe.metrics.keypoints import measurement_error, radial_error
 from echomoe.metrics.ranking import closed_options, diagnosis_options, rank_options
 from echomoe.metrics.routing import RoutingAccumulator
@@ -282,41 +287,6 @@ def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
 
 
 # ----------------------------------------------------------------------------- per-sample scores
-def normalize_label(text: str) -> str:
-    """A diagnosis label's canonical form: lower case, hyphens between letters dropped, other
-    hyphens and spaces -> ``_`` (``"BI-RADS 4"`` -> ``birads_4``, ``"Benign"`` -> ``benign``)."""
-    norm = re.sub(r"(?<=[a-z])-(?=[a-z])", "", str(text).strip().lower())
-    return re.sub(r"[\s\-]+", "_", norm).strip("_.,;:!?")
-
-
-def diagnosis_label(region: str, text: str, classes: Sequence[str] = ()) -> str | None:
-    """The diagnosis label stated by generated ``text`` for a sample of ``region``.
-
-    The diagnosis task's reference *is* a label (``"birads_4"``, ``"renal_cyst"``), so first the
-    normalised text (:func:`normalize_label`) is matched against the region's labels
-    (:data:`echomoe.data.synthetic.vocab.DIAGNOSES`) and the dataset's own ``classes``
-    (normalised too: a real dataset's ``benign`` / ``malignant``): an exact match, else the
-    first label that occurs as a whole word; free text (a report) of a synthetic region falls
-    back to :func:`~echomoe.data.synthetic.reports.parse_diagnosis`.  Without any label to
-    match, the normalised text itself is returned (``None`` when empty).  Compare the result
-    with ``normalize_label(reference)``.
-    """
-    from echomoe.data.synthetic.reports import parse_diagnosis
-    from echomoe.data.synthetic.vocab import DIAGNOSES
-
-    norm = normalize_label(text)
-    synthetic = list(DIAGNOSES.get(region, ()))
-    labels = list(dict.fromkeys([*synthetic, *(normalize_label(c) for c in classes)]))
-    if not labels:
-        return norm or None
-    if norm in labels:
-        return norm
-    for label in labels:
-        if re.search(rf"(?<![a-z0-9]){re.escape(label)}(?![a-z0-9])", norm):
-            return label
-    return parse_diagnosis(region, str(text)) if synthetic else None
-
-
 def _score_grounding(ex: _Example, image_size: int, measure_pairs: list[tuple[int, int]]):
     g, s = ex.ground, ex.sample
     h0, w0 = s.image_array(0).shape[:2]
