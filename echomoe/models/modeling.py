@@ -16,6 +16,7 @@ The total is ``sum(config.loss_weights[name] * loss)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -84,6 +85,18 @@ class EchoMoEOutput(CausalLMOutputWithPast):
     routing: dict[str, RoutingInfo] | None = None
 
 
+def _initialise_missing(model: nn.Module, names: Sequence[str]) -> None:
+    """Copy the weights ``names`` from a freshly built model of the same config into
+    ``model`` (each submodule initialises itself on construction; ``_init_weights`` is a
+    no-op, so loading alone would leave them as allocated)."""
+    fresh = type(model)(model.config).state_dict()
+    own = model.state_dict()
+    with torch.no_grad():
+        for name in names:
+            if name in own and name in fresh:
+                own[name].copy_(fresh[name].to(own[name].dtype))
+
+
 _PASSTHROUGH_KWARGS = frozenset({
     "task_ids", "pixel_spacing", "original_sizes",  # VLMCollator keys the forward does not use
     "return_dict", "output_attentions", "output_hidden_states", "cache_position",  # generate
@@ -143,12 +156,15 @@ class EchoMoEPreTrainedModel(PreTrainedModel):
         model (missing, unexpected or mismatched weights: another architecture, a LoRA run's
         unmerged adapters) is a ``ValueError`` listing them, instead of a warning and weights
         left at their initial values.  ``allow_missing_keys=True`` loads it anyway (for
-        upcycling or adding a head), with transformers' report; ``output_loading_info=True``
-        returns ``(model, info)`` as usual."""
+        upcycling or adding a head), with transformers' report, and gives every missing weight
+        the model's own initialisation (that of a freshly built model: never uninitialised
+        memory); ``output_loading_info=True`` returns ``(model, info)`` as usual."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         bad = {key: sorted(info.get(key) or []) for key in
                ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
+        if info.get("missing_keys") and allow_missing_keys:
+            _initialise_missing(model, info["missing_keys"])
         if bad and not allow_missing_keys:
             where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             listed = "; ".join(f"{key.replace('_', ' ')} ({len(names)}): "

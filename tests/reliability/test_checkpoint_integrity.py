@@ -5,6 +5,7 @@ checkpoints are verified when written."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -121,3 +122,30 @@ def test_loading_a_mismatched_checkpoint_is_an_error_unless_asked(tmp_path):
     back = EchoMoEForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_weights_get_the_models_own_initialisation(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from echomoe.models import build_model
+    from echomoe.models.modeling import EchoMoEForConditionalGeneration
+
+    model = build_model("tiny", "dense")
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = ["box_head.heatmaps.log_scale", "region_classifier.head.weight"]
+    dropped = [k for k in dropped if k in weights] or sorted(weights)[:2]
+    save_file({k: v for k, v in weights.items() if k not in dropped},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing keys"):
+        EchoMoEForConditionalGeneration.from_pretrained(tmp_path)
+    loaded = EchoMoEForConditionalGeneration.from_pretrained(tmp_path, allow_missing_keys=True)
+    state = loaded.state_dict()
+    for key in dropped:
+        assert torch.isfinite(state[key]).all(), key
+    if "box_head.heatmaps.log_scale" in dropped:  # its own init: a temperature of 10
+        torch.testing.assert_close(state["box_head.heatmaps.log_scale"],
+                                   torch.tensor([math.log(10.0)]))
+    # the weights that were there are the saved ones
+    kept = next(k for k in weights if k not in dropped)
+    torch.testing.assert_close(state[kept], weights[kept])
