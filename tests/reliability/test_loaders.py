@@ -162,3 +162,24 @@ def test_strict_false_survives_bad_bytes_deep_json_and_huge_csv_fields(tmp_path)
     assert len(lenient) == 0
     assert [(s.line, s.error) for s in lenient.skipped] == [(2, "MalformedRecordError")]
     assert "field larger than field limit" in lenient.skipped[0].reason
+
+
+def test_fmuia_boxes_and_points_outside_the_image_are_refused(tmp_path):
+    import csv
+
+    from echomoe.data.formats import load_fmuia_csv
+
+    _png(tmp_path / "Detection" / "d.png", np.full((12, 16), 50))
+    rows = [{"image_path": "Detection/d.png", "mask_path": "", "task_id": "t",
+             "task_name": "detection", "num_classes": "1", "x_min": "1", "y_min": "1",
+             "x_max": "16", "y_max": "5", "point_1_xy": ""},
+            {"image_path": "Detection/d.png", "mask_path": "", "task_id": "k",
+             "task_name": "regression", "num_classes": "1", "x_min": "", "y_min": "",
+             "x_max": "", "y_max": "", "point_1_xy": "3,40"}]
+    with (tmp_path / "a.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = load_fmuia_csv(tmp_path, strict=False)
+    assert len(result) == 0
+    assert ["lies outside the 16x12 image" in s.reason for s in result.skipped] == [True, True]

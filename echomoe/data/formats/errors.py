@@ -348,6 +348,22 @@ def check_mask_shape(mask_shape: tuple[int, ...], shape: tuple[int, ...], path: 
         )
 
 
+def check_box(bbox: list[float], size: tuple[int, int], name: str) -> None:
+    """Refuse a box ``[x_min, y_min, x_max, y_max]`` (inclusive pixel indices) that leaves the
+    ``size = (width, height)`` image: :class:`InvalidValueError` naming ``name``."""
+    w, h = size
+    if bbox[0] < 0 or bbox[1] < 0 or bbox[2] > w - 1 or bbox[3] > h - 1:
+        raise InvalidValueError(f"{name} {list(bbox)} lies outside the {w}x{h} image "
+                                f"(inclusive pixel indices 0..{w - 1}, 0..{h - 1})")
+
+
+def check_point(point: tuple[float, float], size: tuple[int, int], name: str) -> None:
+    """Refuse a point ``(x, y)`` in pixels (pixel centres at integers) outside the image."""
+    x, y = point
+    if not (-0.5 <= x <= size[0] - 0.5 and -0.5 <= y <= size[1] - 0.5):
+        raise InvalidValueError(f"{name} ({x}, {y}) lies outside the {size[0]}x{size[1]} image")
+
+
 def mask_bbox(mask: np.ndarray) -> list[int] | None:
     """``[x_min, y_min, x_max, y_max]`` (inclusive) of an ``(H, W)`` mask; ``None`` if empty."""
     ys = np.flatnonzero(mask.any(axis=1))

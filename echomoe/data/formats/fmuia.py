@@ -31,7 +31,9 @@ from echomoe.data.formats.errors import (
     MaskLabelError,
     MissingFieldError,
     MissingMaskError,
+    check_box,
     check_mask_shape,
+    check_point,
     check_region,
     csv_rows,
     mask_bbox,
@@ -120,6 +122,7 @@ def _parse_row(row: dict[str, str], root: Path, csv_path: Path) -> UltrasoundSam
         if x1 < x0 or y1 < y0:
             raise InvalidValueError(f"box has x_max < x_min or y_max < y_min: {box_values}")
         bbox = [int(c) if c.is_integer() else c for c in (x0, y0, x1, y1)]
+        check_box(bbox, (image.shape[1], image.shape[0]), "box")
         boxes.append({"label": "lesion", "bbox": bbox})
     elif masks:
         union = np.logical_or.reduce(list(masks.values()))
@@ -133,6 +136,7 @@ def _parse_row(row: dict[str, str], root: Path, csv_path: Path) -> UltrasoundSam
         m = _POINT.match(col)
         if m:
             keypoints[f"point_{m[1]}"] = parse_point(value, col)
+            check_point(keypoints[f"point_{m[1]}"], (image.shape[1], image.shape[0]), col)
         elif col not in _SPECIAL:
             attributes["label" if col == "mask" else col] = _scalar(value)
     keypoints = dict(sorted(keypoints.items(), key=lambda kv: int(kv[0].split("_")[1])))

@@ -31,6 +31,8 @@ from echomoe.data.formats.errors import (
     MalformedRecordError,
     MissingFieldError,
     UnknownFieldError,
+    check_box,
+    check_point,
     check_region,
     parse_point,
     read_mask,
@@ -67,10 +69,7 @@ def _boxes(value: Any, size: tuple[int, int]) -> list[dict[str, Any]]:
         coords = [to_float(v, f"boxes[{k}].bbox") for v in bbox]
         if coords[2] < coords[0] or coords[3] < coords[1]:
             raise InvalidValueError(f"boxes[{k}].bbox has x_max < x_min or y_max < y_min")
-        w, h = size
-        if coords[0] < 0 or coords[1] < 0 or coords[2] > w - 1 or coords[3] > h - 1:
-            raise InvalidValueError(f"boxes[{k}].bbox {bbox} lies outside the {w}x{h} image "
-                                    f"(inclusive pixel indices 0..{w - 1}, 0..{h - 1})")
+        check_box([int(c) if c.is_integer() else c for c in coords], size, f"boxes[{k}].bbox")
         coords = [int(c) if c.is_integer() else c for c in coords]
         out.append({**box, "label": str(box.get("label", "lesion")), "bbox": coords})
     return out
@@ -127,10 +126,8 @@ def _parse_record(record: Any, base: Path) -> UltrasoundSample:
     if not isinstance(keypoints, dict):
         raise InvalidValueError("'keypoints' must map names to [x, y]")
     keypoints = {k: parse_point(v, f"keypoints.{k}") for k, v in keypoints.items()}
-    for name, (x, y) in keypoints.items():
-        if not (-0.5 <= x <= size[0] - 0.5 and -0.5 <= y <= size[1] - 0.5):
-            raise InvalidValueError(f"keypoints.{name} ({x}, {y}) lies outside the "
-                                    f"{size[0]}x{size[1]} image")
+    for name, point in keypoints.items():
+        check_point(point, size, f"keypoints.{name}")
 
     attributes = record.get("attributes") or {}
     if not isinstance(attributes, dict) or not all(
