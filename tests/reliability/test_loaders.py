@@ -64,6 +64,11 @@ def test_a_mask_in_the_alpha_channel_is_read(tmp_path):
     opaque[..., 3] = 255
     opaque[0, 0, :3] = 255
     assert read_mask(_png(tmp_path / "opaque.png", opaque, "RGBA"), (6, 8)).sum() == 1
+    # a 16-bit label mask: its value 1 is foreground (rescaled to 8 bits it would round to 0)
+    deep = np.zeros((6, 8), np.uint16)
+    deep[2, 3:6] = 1
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert read_mask(tmp_path / "deep.png", (6, 8)).sum() == 3
 
 
 def test_an_empty_source_warns(tmp_path):

@@ -320,23 +320,35 @@ def read_mask(path: Path, shape: tuple[int, int], what: str = "mask") -> np.ndar
     A mask with transparency (RGBA, LA, or a palette with a transparent entry) whose alpha
     varies is read from its alpha channel (foreground = not fully transparent): annotation
     tools often export the mask as alpha over black, which a gray conversion would read as
-    empty.  An opaque one is read from its gray values."""
+    empty.  An opaque one is read from its gray values; a 16- or 32-bit one from its raw
+    values (not the rescaled ones of :func:`read_image`)."""
     from PIL import Image
 
     if not path.is_file():
         raise _absent(path, what, MissingMaskError)
-    alpha = None
-    try:
-        with Image.open(path) as im:
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                a = np.asarray(im.convert("RGBA"))[..., 3]
-                if a.min() != a.max():
-                    alpha = a > 0
-    except Exception as err:  # PIL raises OSError, SyntaxError, ...
-        raise _open_error(path, what, err) from err
-    mask = alpha if alpha is not None else read_image(path, what) > 0
+    if is_dicom(path):
+        mask = read_image(path, what) > 0
+    else:
+        try:
+            with Image.open(path) as im:
+                mask = _pil_mask(im)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ...
+            raise _open_error(path, what, err) from err
     check_mask_shape(mask.shape, shape, path)
     return mask
+
+
+def _pil_mask(im) -> np.ndarray:
+    """Foreground of an open PIL mask (see :func:`read_mask`): the varying alpha channel of a
+    transparent one, the raw non-zero values of a 16 / 32-bit integer one (a label of 1 must
+    not be rescaled to 0), else the non-zero gray values."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+        if alpha.min() != alpha.max():
+            return alpha > 0
+    if im.mode.startswith("I"):
+        return np.asarray(im) != 0
+    return np.asarray(im.convert("L")) > 0
 
 
 def check_mask_shape(mask_shape: tuple[int, ...], shape: tuple[int, ...], path: Path) -> None:
