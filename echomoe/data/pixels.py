@@ -15,9 +15,9 @@ float, int32 images (PIL    ``(v - min) * 255 / (max - min)`` of the image itsel
 bool                        ``{0, 255}``
 =========================== ===============================================================
 
-:func:`read_grayscale` and :func:`read_color` open any image file PIL reads, and DICOM (by
-its ``DICM`` preamble, whatever the extension, through
-:func:`echomoe.data.formats.dicom.read_dicom`: the first frame).
+:func:`read_grayscale` opens any image file PIL reads, and DICOM (by its ``DICM`` preamble,
+whatever the extension, through :func:`echomoe.data.formats.dicom.read_dicom`: the first
+frame).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["is_dicom", "read_color", "read_grayscale", "to_grayscale", "to_uint8"]
+__all__ = ["is_dicom", "read_grayscale", "to_grayscale", "to_uint8"]
 
 # ITU-R BT.601 luma weights: they sum to 1, so a gray pixel (R = G = B) keeps its value, which
 # keeps the B-mode intensities of colour ultrasound frames (overlays aside).
@@ -91,36 +91,25 @@ def is_dicom(path: str | Path) -> bool:
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def _pil_array(im, gray: bool) -> np.ndarray:
-    """A PIL image as uint8 ``(H, W)`` (``gray``) or ``(H, W)`` / ``(H, W, 3)``; 16-bit, 32-bit
-    and float modes are rescaled (:func:`to_uint8`), never clipped as ``convert("L")`` does."""
+def _pil_gray(im) -> np.ndarray:
+    """An open PIL image as ``(H, W)`` uint8; 16-bit, 32-bit and float modes are rescaled
+    (:func:`to_uint8`), never clipped as ``convert("L")`` does."""
     if im.mode in _DEEP_MODES:
         a = np.asarray(im)
         return to_uint8(a.astype(np.uint16), 16) if im.mode.startswith("I;16") \
             else to_uint8(a.astype(np.float64))
-    if gray or im.mode in ("1", "L"):
-        return np.asarray(im.convert("L"), dtype=np.uint8).copy()  # PIL's BT.601 luma
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-
-
-def _read(path: Path, gray: bool) -> np.ndarray:
-    if is_dicom(path):
-        from echomoe.data.formats.dicom import read_dicom
-
-        return read_dicom(path, grayscale=gray, frames=[0]).frames[0]
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return _pil_array(im, gray)
+    return np.asarray(im.convert("L"), dtype=np.uint8).copy()  # PIL's BT.601 luma
 
 
 def read_grayscale(path: str | Path) -> np.ndarray:
     """An image file (PNG, JPEG, TIFF, ..., or DICOM) as ``(H, W)`` uint8.
 
     Raises whatever the decoder raises (callers wrap it with the file's name)."""
-    return _read(Path(path), gray=True)
+    if is_dicom(path):
+        from echomoe.data.formats.dicom import read_dicom
 
+        return read_dicom(path, frames=[0]).frames[0]
+    from PIL import Image
 
-def read_color(path: str | Path) -> np.ndarray:
-    """An image file as uint8, ``(H, W)`` for grayscale sources, ``(H, W, 3)`` for colour."""
-    return _read(Path(path), gray=False)
+    with Image.open(path) as im:
+        return _pil_gray(im)
