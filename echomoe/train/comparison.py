@@ -31,7 +31,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from echomoe.metrics.significance import load_records, paired_bootstrap, seed_average
+from echomoe.metrics.significance import (
+    load_records,
+    paired_bootstrap,
+    seed_average,
+    seed_summary,
+)
 from echomoe.train.sweep import run_label
 
 HEADLINE: tuple[tuple[str, str, str, str, bool], ...] = (
@@ -63,18 +68,9 @@ def _run_dir(run: dict[str, Any]) -> Path:
     return Path(run.get("run_dir") or run["output_dir"])
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 def _cell(values: Sequence[float | None]) -> str:
-    mean, std = _mean_std([math.nan if v is None else float(v) for v in values])
+    stats = seed_summary([math.nan if v is None else float(v) for v in values])
+    mean, std = stats["mean"], stats["std"]
     if not math.isfinite(mean):
         return "n/a"
     return f"{mean:.2f}" if not math.isfinite(std) else f"{mean:.2f} ± {std:.2f}"
