@@ -4,7 +4,7 @@ The file is a JSON list of records, in either of the two layouts EchoVLM's data 
 
     {"id": "case1", "image": ["a.png", "b.png"],            # or a single string; or "images"
      "region": "thyroid",                                   # optional ("anatomy" also read)
-     "conversations": [{"from": "human", "value": "<image>\n<image>\nDescribe."},
+     "conversations": [{"from": "human", "value": "<image>\\n<image>\\nDescribe."},
                        {"from": "gpt", "value": "Findings: ... Impression: ..."}]}
 
     {"id": "case1", "images": [...], "messages": [{"role": "user", "content": "..."},
