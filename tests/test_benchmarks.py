@@ -69,7 +69,7 @@ def _check_readme_update(bench, payload: dict, tmp_path: Path) -> str:
     bench("update_readme").main([str(json_path), "--readme", str(readme)])
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert "| model |" in text or "| T |" in text or "| part |" in text
+    assert any(f"| {first} |" in text for first in ("model", "T", "part", "conversion"))
     return text
 
 
@@ -183,6 +183,22 @@ def test_data_benchmark(bench, tmp_path):
     assert math.isclose(payload["samples_per_s_per_core"], 4 / (generate["median_ms"] / 1e3))
     assert payload["meets_target"] == (payload["samples_per_s_per_core"] >= payload["target"])
     assert len(payload["per_region_samples_per_s"]) == 7
+    _check_readme_update(bench, payload, tmp_path)
+
+
+def test_upcycle_fidelity_benchmark(bench, tmp_path):
+    out = tmp_path / "upcycle.json"
+    payload = bench("upcycle_fidelity").main(["--preset", "tiny", "--batch", "2", "--seq-len",
+                                              "8", "--out", str(out)])
+    _check_common(payload, "upcycle_fidelity", out)
+    rows = {(r["case"], r["router_init"]): r for r in payload["results"]}
+    assert len(rows) == 2 * 7  # 5 equal-active variants + copies + MoEfication, 2 router inits
+    for init in ("moefy", "random"):
+        assert rows[("moe_topk (copies)", init)]["ffn_rel_err_max"] < 1e-6
+    # exact by construction: each region's group holds every slice once, uniform weights
+    assert rows[("moe_region_hard (F/k slices)", "moefy")]["ffn_rel_err_max"] < 1e-5
+    assert rows[("moe_topk (MoEfication)", "moefy")]["ffn_rel_err_mean"] > 0.5
+    assert rows[("moe_region_hard (F/k slices)", "random")]["ffn_rel_err_mean"] > 1e-3
     _check_readme_update(bench, payload, tmp_path)
 
 

@@ -25,7 +25,7 @@ from echomoe.config import (
     save_config,
 )
 from echomoe.data.tasks import TASKS
-from echomoe.models.builders import VARIANTS
+from echomoe.models.builders import EQUAL_ACTIVE_VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -252,8 +252,9 @@ def test_task_rates_schema_matches_tasks():
 def test_dense_vs_moe_expansion():
     runs = load_sweep(CONFIGS / "sweeps" / "dense_vs_moe.yaml")
     families = ("report", "vqa", "grounding", "multitask")
-    assert len(runs) == len(families) * len(VARIANTS) * 3 == 72
-    expected = [f"{f}-{v}-seed{s}" for f in families for v in VARIANTS for s in range(3)]
+    variants = ("dense", *EQUAL_ACTIVE_VARIANTS)
+    assert len(runs) == len(families) * len(variants) * 3 == 72
+    expected = [f"{f}-{v}-seed{s}" for f in families for v in variants for s in range(3)]
     assert [name for name, _ in runs] == expected
     assert runs == load_sweep(CONFIGS / "sweeps" / "dense_vs_moe.yaml")  # deterministic
     name, overrides = runs[1]

@@ -45,6 +45,7 @@ def build_moe_layer(
     slots_per_expert: int = 1,
     causal: bool = False,
     bias_update_rate: float = 0.0,
+    path_mixer_bias: bool = False,
 ) -> nn.Module:
     """Build an MoE feed-forward layer.
 
@@ -68,6 +69,7 @@ def build_moe_layer(
         causal: the layer will sit in a causal model; non-causal routers then refuse.
         bias_update_rate: auxiliary-loss-free load balancing by a selection bias (``topk`` and
             ``region_soft``; see :class:`~echomoe.moe.routers.TopKRouter`); 0 = off.
+        path_mixer_bias: give the dual path's ``Linear(D, 2)`` mixer a bias (as EchoVLM).
 
     Returns an :class:`~echomoe.moe.layer.MoELayer` (or :class:`~echomoe.moe.soft_moe.SoftMoE`
     for ``router="soft"``) exposing ``router.weight [E, D]`` and ``experts.gate_up_proj
@@ -123,7 +125,8 @@ def build_moe_layer(
         shared_mlp = make_mlp(hidden_size, shared_expert_size, activation)
         shared = SharedExpert(shared_mlp, hidden_size, gated=shared_expert_gate)
     dense = make_mlp(hidden_size, dense_branch_size, activation) if dense_branch_size else None
-    return MoELayer(router=gate, experts=experts, shared_expert=shared, dense_branch=dense)
+    return MoELayer(router=gate, experts=experts, shared_expert=shared, dense_branch=dense,
+                    path_mixer_bias=path_mixer_bias)
 
 
 def build_dense_ffn(hidden_size: int, intermediate_size: int, activation: str = "swiglu"):
@@ -166,7 +169,7 @@ def count_parameters(module: nn.Module) -> dict[str, int]:
             inactive += expert_params * (1.0 - min(share, 1.0))
             router += sum(p.numel() for p in m.router.parameters())
             if m.path_mixer is not None:
-                router += m.path_mixer.weight.numel()
+                router += sum(p.numel() for p in m.path_mixer.parameters())
             if isinstance(m.shared_expert, SharedExpert) and m.shared_expert.gate is not None:
                 router += m.shared_expert.gate.weight.numel()
         elif isinstance(m, SoftMoE):

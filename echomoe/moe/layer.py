@@ -144,8 +144,11 @@ class MoELayer(nn.Module):
         experts: :class:`~echomoe.moe.experts.GroupedExperts`.
         shared_expert: added to the routed output for every token.
         dense_branch: a dense MLP; when given the output is the EchoVLM *dual path*
-            ``c_0 * dense(x) + c_1 * moe(x)`` with ``c = softmax(W_mix x)`` per token
-            (``W_mix`` is ``path_mixer``, a ``Linear(D, 2)``).
+            ``c_0 * dense(x) + c_1 * moe(x)`` with ``c = softmax(W_mix x + b_mix)`` per token
+            (``path_mixer``, a ``Linear(D, 2)``; row 0 weighs the dense branch, row 1 the
+            experts).  Any module mapping ``(N, D) -> (N, D)`` works, e.g. the pretrained
+            ``Qwen2MLP`` it replaces.
+        path_mixer_bias: give ``path_mixer`` a bias (EchoVLM's ``Linear(D, 2)`` has one).
     """
 
     def __init__(
@@ -155,8 +158,12 @@ class MoELayer(nn.Module):
         experts: GroupedExperts,
         shared_expert: nn.Module | None = None,
         dense_branch: nn.Module | None = None,
+        path_mixer_bias: bool = False,
     ) -> None:
         super().__init__()
+        if path_mixer_bias and dense_branch is None:
+            raise ValueError("path_mixer_bias needs a dense_branch (the mixer weighs it against "
+                             "the experts)")
         if router.num_experts != experts.num_experts:
             raise ValueError(
                 f"router has {router.num_experts} experts but experts has {experts.num_experts}"
@@ -174,7 +181,7 @@ class MoELayer(nn.Module):
         self.dense_branch = dense_branch
         self.path_mixer = None
         if dense_branch is not None:
-            self.path_mixer = nn.Linear(self.hidden_size, 2, bias=False)
+            self.path_mixer = nn.Linear(self.hidden_size, 2, bias=path_mixer_bias)
 
     def forward(
         self,
@@ -225,7 +232,10 @@ class MoELayer(nn.Module):
             y = y + self.shared_expert(x)
         if self.dense_branch is not None:
             # (2, N): a softmax over 2-long rows is slow on the CPU; over columns it is not.
-            mix = torch.mm(self.path_mixer.weight, x.t()).softmax(dim=0)
+            mix = torch.mm(self.path_mixer.weight, x.t())
+            if self.path_mixer.bias is not None:
+                mix = mix + self.path_mixer.bias.unsqueeze(-1)
+            mix = mix.softmax(dim=0)
             y = mix[0].unsqueeze(-1) * self.dense_branch(x) + mix[1].unsqueeze(-1) * y
         return MoEOutput(y.view(b, t, d), routed.aux_losses, info)
 

@@ -243,3 +243,56 @@ def qwen2_reference_pair(
         warnings.simplefilter("ignore", UserWarning)
         moe = Qwen2MoeForCausalLM(moe_config)
     return dense, moe
+
+
+def upcycle_fidelity(dense_lm: nn.Module, input_ids: Tensor, region_ids: Tensor | None,
+                     *, random_router: bool = False, **moefy_kwargs) -> dict[str, float]:
+    """How closely an upcycled copy of ``dense_lm`` reproduces it at its first forward.
+
+    Converts a deep copy with :func:`~echomoe.moe.upcycle.moefy` (``upcycle=True``,
+    ``moefy_kwargs``; ``random_router`` re-draws the routers ``N(0, 0.02^2)`` after upcycling,
+    as an untrained router would be), runs both on ``input_ids`` and returns:
+
+    * ``ffn_rel_err_mean`` / ``ffn_rel_err_max``: over layers, ``|moe(x) - mlp(x)| / |mlp(x)|``
+      with both applied to the *same* input ``x`` (the converted layer's input);
+    * ``logits_rel_err``: ``|logits' - logits| / |logits|``;
+    * ``top1_agreement``: fraction of positions whose arg-max token is unchanged;
+    * ``loss_delta``: next-token loss on ``input_ids``, converted minus dense.
+    """
+    import copy
+
+    from echomoe.moe.upcycle import _decoder_layers, moefy
+
+    dense_lm = dense_lm.eval()
+    converted = copy.deepcopy(dense_lm)
+    context = moefy(converted, upcycle=True, **moefy_kwargs)
+    originals = [layer.mlp for layer in _decoder_layers(dense_lm)]
+    if random_router:
+        with torch.no_grad():
+            for module in converted.modules():
+                if hasattr(module, "router") and hasattr(module.router, "weight"):
+                    module.router.weight.normal_(std=0.02)
+    errors: list[float] = []
+    hooks = []
+    for layer, original in zip(_decoder_layers(converted), originals, strict=True):
+        if layer.mlp is original:
+            continue
+
+        def record(_module, args, output, original=original):
+            reference = original(args[0])
+            errors.append(float((output - reference).norm() / reference.norm().clamp_min(1e-12)))
+
+        hooks.append(layer.mlp.register_forward_hook(record))
+    with torch.no_grad():
+        ref = dense_lm(input_ids, labels=input_ids)
+        with context.route(region_ids):
+            out = converted(input_ids, labels=input_ids)
+    for hook in hooks:
+        hook.remove()
+    return {
+        "ffn_rel_err_mean": sum(errors) / max(len(errors), 1),
+        "ffn_rel_err_max": max(errors, default=0.0),
+        "logits_rel_err": float((out.logits - ref.logits).norm() / ref.logits.norm()),
+        "top1_agreement": float((out.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean()),
+        "loss_delta": float(out.loss - ref.loss),
+    }

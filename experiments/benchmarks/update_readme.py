@@ -4,7 +4,8 @@
     python experiments/benchmarks/update_readme.py --demo results/demo     # after `make demo`
 
 Replaces the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` where ``NAME`` is
-the JSON's ``benchmark`` field (``moe_layer``, ``train_step``, ``decode``, ``synthetic_data``),
+the JSON's ``benchmark`` field (``moe_layer``, ``train_step``, ``decode``, ``synthetic_data``,
+``upcycle_fidelity``),
 or, with ``--demo``, the demo blocks the README has, from a demo sweep's ``summary.json`` files:
 ``demo`` (headline metrics of seed 0), ``demo_seeds`` (over seeds) and ``demo_comparison``
 (priors, blind runs, significance and per-region tables).
@@ -23,9 +24,11 @@ import data  # noqa: E402
 import decode  # noqa: E402
 import moe_layer  # noqa: E402
 import train_step  # noqa: E402
+import upcycle_fidelity  # noqa: E402
 
 RENDERERS = {"moe_layer": moe_layer.table, "train_step": train_step.table,
-             "decode": decode.table, "synthetic_data": data.table}
+             "decode": decode.table, "synthetic_data": data.table,
+             "upcycle_fidelity": upcycle_fidelity.table}
 
 
 def render(payload: dict) -> str:

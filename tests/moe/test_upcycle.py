@@ -101,8 +101,10 @@ def test_moefy_refuses_non_causal_routers_and_bad_kwargs():
         moefy(tiny_qwen2(), num_experts=4, top_k=2, router="expert_choice")
     with pytest.raises(TypeError, match="hidden_size"):
         moefy(tiny_qwen2(), num_experts=4, top_k=2, hidden_size=32)
-    with pytest.raises(ValueError, match="upcycle"):
-        moefy(tiny_qwen2(), num_experts=4, top_k=2, intermediate_size=18)
+    with pytest.raises(ValueError, match="does not divide"):
+        moefy(tiny_qwen2(), num_experts=4, top_k=2, intermediate_size=17)
+    with pytest.raises(ValueError, match="do not fit in 4 experts"):
+        moefy(tiny_qwen2(), num_experts=4, top_k=2, intermediate_size=6)
 
 
 def test_region_hard_routing_inside_the_lm():
@@ -175,3 +177,61 @@ def test_moefied_qwen2_trains_with_aux_losses():
     router = model.model.layers[0].mlp.moe.router
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
     assert router.region_bias.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------- narrower experts (slices)
+@pytest.mark.parametrize("mlp", [
+    GatedMLP(12, 20),
+    torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 12)),
+])
+def test_slices_add_up_to_the_dense_mlp(mlp):
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        dense = mlp(x)
+        halves = upcycle_ffn(mlp, 4, intermediate_size=10)  # F/k slices, k = 2
+        assert halves.intermediate_size == 10
+        torch.testing.assert_close(halves.expert(0, x) + halves.expert(1, x), dense)
+        torch.testing.assert_close(halves.expert(2, x), halves.expert(0, x))  # slice 0 again
+        parts = upcycle_ffn(mlp, 4, intermediate_size=5)  # MoEfication: a partition
+        torch.testing.assert_close(sum(parts.expert(e, x) for e in range(4)), dense)
+        doubled = upcycle_ffn(mlp, 4, intermediate_size=10, output_scale=2.0)
+        torch.testing.assert_close(doubled.expert(0, x) + doubled.expert(1, x), 2 * dense)
+
+
+@pytest.mark.parametrize("extra", [{}, {"shared_expert_size": 8}, {"dense_branch_size": 16}],
+                         ids=["routed", "shared", "dual_path"])
+def test_equal_active_region_hard_upcycling_keeps_logits(extra):
+    """Experts of the equal-active width (F/k slices, here after a narrow shared expert or
+    dense branch) reproduce the dense LM exactly under region-hard routing: each region's group
+    is k consecutive experts, i.e. every slice once, with uniform weights."""
+    model = tiny_qwen2()
+    ids = torch.randint(0, 99, (3, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    width = (36 - sum(extra.values())) // 2
+    ctx = moefy(model, num_experts=4, top_k=2, router="region_hard", num_regions=3,
+                intermediate_size=width, **extra)
+    moe = model.model.layers[0].mlp.moe
+    assert moe.experts.intermediate_size == width
+    assert torch.count_nonzero(moe.router.weight) == 0  # slices start from a uniform router
+    with torch.no_grad(), ctx.route(torch.tensor([0, 1, 2])):
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_upcycle_fidelity_measures_copies_exact_and_a_partition_not():
+    from echomoe.utils.benchmark import upcycle_fidelity
+
+    model = tiny_qwen2()
+    ids = torch.randint(0, 99, (2, 8))
+    copies = upcycle_fidelity(model, ids, None, num_experts=4, top_k=2)
+    assert copies["ffn_rel_err_max"] < 1e-6 and copies["top1_agreement"] == 1.0
+    parts = upcycle_fidelity(model, ids, None, num_experts=4, top_k=2, intermediate_size=9)
+    assert parts["ffn_rel_err_mean"] > 0.5 and parts["logits_rel_err"] > 0
+    assert all(isinstance(layer.mlp, torch.nn.Module) and not isinstance(layer.mlp, MoEAdapter)
+               for layer in model.model.layers)  # the measured model itself is untouched
+
+
+def test_upcycling_refuses_a_shared_expert_leaving_no_units():
+    with pytest.raises(ValueError, match="leaves no dense units"):
+        moefy(tiny_qwen2(), num_experts=4, top_k=2, shared_expert_size=36, intermediate_size=18)
