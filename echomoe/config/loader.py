@@ -290,10 +290,15 @@ def validate(config: ExperimentConfig, where: str = "config") -> None:
     if m.tokenizer not in (None, TRAIN_SPLIT_TOKENIZER) and not Path(m.tokenizer).is_dir():
         raise _fail(where, "model.tokenizer", f"directory {m.tokenizer!r} does not exist")
     _positive(where, "model.corpus_samples", m.corpus_samples)
-    try:
-        m.build_config()
-    except (ValueError, TypeError) as err:
-        raise _fail(where, "model", f"is invalid: {err}") from err
+    if m.backbone is not None and m.tokenizer is not None:
+        raise _fail(where, "model.tokenizer", f"is {m.tokenizer!r}, but model.backbone brings "
+                    "its own tokenizer: leave it null")
+    # A backbone directory absent here (a path on the training machine) is read at build time.
+    if m.backbone is None or (Path(m.backbone) / "config.json").is_file():
+        try:
+            m.build_config()
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise _fail(where, "model", f"is invalid: {err}") from err
     # data
     d = config.data
     if d.source == "disk":

@@ -34,6 +34,11 @@ class ModelSection:
             ``None`` trains one offline on synthetic texts
             (:func:`~echomoe.models.builders.build_processor`).
         corpus_samples: synthetic cases for that synthetic-corpus tokenizer.
+        backbone: local directory of a pretrained HF VLM (Qwen2-VL, Qwen2.5-VL, LLaVA) whose
+            vision tower, projector and LM replace the preset's
+            (:mod:`echomoe.models.backbone`; its own tokenizer, so ``tokenizer`` stays
+            ``null``); relative to the working directory.  A directory absent on this machine
+            is read, and the model section checked, when the model is built.
     """
 
     preset: str = "tiny"
@@ -41,6 +46,7 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     corpus_samples: int = 200
+    backbone: str | None = None
 
     def tokenizer_from_train_split(self) -> bool:
         """Whether the tokenizer is trained on the train split (``tokenizer: train_split``)."""
@@ -50,7 +56,13 @@ class ModelSection:
         """The :class:`~echomoe.models.configuration.EchoMoEConfig` of this section."""
         from echomoe.models.builders import build_config
 
-        return build_config(self.preset, self.variant, **self.overrides)
+        overrides = dict(self.overrides)
+        if self.backbone is not None:
+            if overrides.get("backbone") is not None:
+                raise ValueError("give the backbone as model.backbone or model.overrides."
+                                 "backbone, not both")
+            overrides["backbone"] = {"path": self.backbone}
+        return build_config(self.preset, self.variant, **overrides)
 
 
 @dataclass

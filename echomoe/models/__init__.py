@@ -15,6 +15,7 @@ Quick tour::
 """
 
 from echomoe.models.builders import (
+    EQUAL_ACTIVE_VARIANTS,
     PRESETS,
     VARIANTS,
     build_config,
@@ -33,6 +34,7 @@ from echomoe.models.processor import (
 )
 
 __all__ = [
+    "EQUAL_ACTIVE_VARIANTS",
     "PRESETS",
     "VARIANTS",
     "EchoMoEConfig",

@@ -23,16 +23,25 @@ Variants (:data:`VARIANTS`) fix the language model's FFNs (every decoder layer, 
                     a ``Linear(D, 2)`` softmax
 ``moe_region_hard`` each anatomical region owns a subset of the experts (top-k within it)
 ``moe_region_soft`` top-k router plus a learned per-region logit bias and alignment loss
+``echovlm``         EchoVLM's block: each layer keeps its own MLP (the pretrained one when the LM
+                    comes from ``language_model_path``) as the dense branch and adds a
+                    Qwen2-MoE block beside it (4 experts, top-2, ``normalize_topk=False``,
+                    sigmoid-gated shared expert), mixed per token by ``Linear(D, 2)`` *with*
+                    bias; expert / shared widths in EchoVLM's proportion to the dense width
+                    (1408 and 5632 of Qwen2-VL-7B's 18944); balance-loss weight ``0.001 * k``
+                    (transformers' Qwen2-MoE loss is ``k`` times echomoe's), no z-loss.  *Not*
+                    equal-active: it adds the MoE block on top of the whole dense MLP.
 =================== ==========================================================================
 
 **Equal active parameters per token.**  With the dense MLP width ``F`` of the preset, a shared
 expert of width ``S = F / 4`` (``moe_shared``) and a dense branch of width ``F_d = F / 2``
 (``moe_dual_path``), every routed expert has width
 ``F_e = (F - S - F_d) / k`` (:func:`~echomoe.moe.builders.equal_active_expert_size`), so a token
-passes through ``k * F_e + S + F_d = F`` hidden units: the same FFN weights as the dense model.
-Router, shared-expert gate and path-mixer weights come on top; :func:`count_parameters` reports
-them separately (``"router"``), so ``active - router`` is *exactly* equal between ``dense`` and
-every MoE variant of a preset (the tests assert it).  The rule is applied after overrides: change
+passes through ``k * F_e + S + F_d = F`` hidden units: the same FFN weights as the dense model
+(every variant in :data:`EQUAL_ACTIVE_VARIANTS`).  Router, shared-expert gate and path-mixer
+weights come on top; :func:`count_parameters` reports them separately (``"router"``), so
+``active - router`` is *exactly* equal between ``dense`` and every equal-active variant of a
+preset (the tests assert it).  The rule is applied after overrides: change
 ``text_config={"intermediate_size": ...}`` or ``moe_config={"top_k": ...}`` and the expert width
 follows, unless ``moe_config={"intermediate_size": ...}`` fixes it explicitly.
 """
@@ -83,13 +92,27 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "moe_dual_path": {**_MOE_COMMON, "router": "topk", "dense_branch_fraction": 0.5},
     "moe_region_hard": {**_MOE_COMMON, "router": "region_hard"},
     "moe_region_soft": {**_MOE_COMMON, "router": "region_soft"},
+    "echovlm": {**_MOE_COMMON, "router": "topk", "normalize_topk": False, "keep_dense": True,
+                "path_mixer_bias": True, "expert_fraction": 1408 / 18944,
+                "shared_expert_fraction": 5632 / 18944},
 }
 """LM FFN layout of each variant (``moe_config`` before the equal-active sizes are filled in;
 ``*_fraction`` are shares of the dense width ``F``)."""
 
+EQUAL_ACTIVE_VARIANTS = ("moe_topk", "moe_shared", "moe_dual_path", "moe_region_hard",
+                         "moe_region_soft")
+"""The MoE variants whose active FFN parameters per token equal ``dense``'s."""
+
+VARIANT_LOSS_WEIGHTS: dict[str, dict[str, Any]] = {
+    "echovlm": {"moe_balance": lambda moe: 0.001 * moe["top_k"], "moe_z": 0.0},
+}
+"""Loss-weight defaults of a variant (a value may be a function of its final ``moe_config``);
+the config's own ``loss_weights`` override them."""
+
 _NESTED = ("vision_config", "text_config", "moe_config", "grounding_config")
 _FRACTIONS = {"shared_expert_fraction": "shared_expert_size",
-              "dense_branch_fraction": "dense_branch_size"}
+              "dense_branch_fraction": "dense_branch_size",
+              "expert_fraction": "intermediate_size"}
 
 
 def _config_fields() -> list[str]:
@@ -159,7 +182,10 @@ def build_config(preset: str = "tiny", variant: str = "dense", **overrides) -> E
         **overrides: :class:`EchoMoEConfig` fields (``image_size=64``, ``projector_pool=True``,
             ``regions=[...]``, ...).  ``vision_config``, ``text_config``, ``moe_config`` and
             ``grounding_config`` take dicts *merged* into the preset's (``moe_config=
-            {"num_experts": 8}`` keeps the other MoE settings).
+            {"num_experts": 8}`` keeps the other MoE settings).  ``backbone={"path": DIR}``
+            replaces the preset's vision and text configs by a pretrained VLM's
+            (:func:`~echomoe.models.backbone.backbone_config_kwargs`), so the MoE expert widths
+            follow its LM's intermediate size.
 
     Raises ``ValueError`` naming the valid choices for an unknown preset, variant, override or
     nested key, and when the equal-active rule cannot split the dense width.
@@ -179,6 +205,10 @@ def build_config(preset: str = "tiny", variant: str = "dense", **overrides) -> E
             kwargs[key] = _merge(kwargs[key], value, key)
         else:
             kwargs[key] = copy.deepcopy(value)
+    if kwargs.get("backbone") is not None:  # its LM's config, tokenizer ids, image size
+        from echomoe.models.backbone import backbone_config_kwargs
+
+        kwargs.update(backbone_config_kwargs(kwargs["backbone"], overrides))
     text = kwargs["text_config"]
     if isinstance(text, dict):
         bad = set(text) - _text_config_keys(text.get("model_type", "qwen2"))
@@ -194,6 +224,10 @@ def build_config(preset: str = "tiny", variant: str = "dense", **overrides) -> E
         kwargs["moe_config"] = None  # moe_config=None: make any variant dense
     else:
         kwargs["moe_config"] = _moe_config(variant, dense_width, num_regions, moe_overrides)
+    if kwargs["moe_config"] is not None and variant in VARIANT_LOSS_WEIGHTS:
+        defaults = {name: value(kwargs["moe_config"]) if callable(value) else value
+                    for name, value in VARIANT_LOSS_WEIGHTS[variant].items()}
+        kwargs["loss_weights"] = {**defaults, **(kwargs.get("loss_weights") or {})}
     config = EchoMoEConfig(**kwargs)
     validate_config(config)
     return config
@@ -301,11 +335,17 @@ def build_processor(
         seed: synthetic corpus seed.
         num_samples: synthetic cases in the corpus (fewer = faster, smaller vocabulary).
         config: the model's config when it differs from the preset's (e.g. built with an
-            ``image_size`` or ``projector_pool`` override).
+            ``image_size`` or ``projector_pool`` override).  With a ``backbone`` directory the
+            default tokenizer is the backbone's own
+            (:func:`~echomoe.models.backbone.backbone_tokenizer`).
     """
     from echomoe.data.tokenizer import train_tokenizer
 
     config = config if config is not None else build_config(preset)
+    if tokenizer is None and config.backbone is not None:
+        from echomoe.models.backbone import backbone_tokenizer
+
+        tokenizer = backbone_tokenizer(config)  # the VLM's own, with the echomoe tokens
     if tokenizer is None:
         tokenizer = train_tokenizer(synthetic_corpus(num_samples, seed),
                                     config.text_config.vocab_size)

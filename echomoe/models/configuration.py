@@ -6,10 +6,14 @@ ones), plus the text model's own ``transformers`` config:
 
 * ``vision_config``: ``{"kind": "native", ...VisionTransformer kwargs}`` or
   ``{"kind": "siglip" | "clip" | "dinov2", "config": {...HF config dict}}`` or
-  ``{"kind": "pretrained", "path": "/local/dir"}``.
+  ``{"kind": "pretrained", "path": "/local/dir"}``, or ``{"kind": "backbone"}`` (set by
+  ``backbone``).
 * ``text_config``: any causal-LM ``PretrainedConfig`` (Qwen2, Llama, Mistral, ...), or
   ``language_model_path``: a local directory with a pretrained causal LM, whose config and
   weights are loaded from disk (never from a hub).
+* ``backbone``: a pretrained HF VLM (Qwen2-VL, Qwen2.5-VL, LLaVA) decomposed into the three parts
+  above: its vision tower, its own projector / merger and its LM (``{"path": "/local/dir"}``, or
+  ``{"config": {...}}`` for the structure alone; see :mod:`echomoe.models.backbone`).
 * ``moe_config``: ``None`` (dense) or :func:`~echomoe.moe.upcycle.moefy` arguments
   (``layers``, ``num_experts``, ``top_k``, ``router``, ``intermediate_size``, ...).
 * ``grounding_config``: pixel decoder / mask decoder / heads sizes.
@@ -96,6 +100,13 @@ class EchoMoEConfig(PretrainedConfig):
             the region classifier's prediction.
         image_token_id, seg_token_id, det_token_id, kpt_token_id: tokenizer ids.
         loss_weights: overrides of :data:`DEFAULT_LOSS_WEIGHTS`.
+        backbone: a pretrained VLM as vision tower + projector + LM
+            (:func:`~echomoe.models.backbone.resolve_backbone` forms).  Its LM config becomes
+            ``text_config`` unless one is given, and ``vision_config`` is ``{"kind":
+            "backbone"}``; with ``"path"`` the model loads the VLM's weights when built, and a
+            saved config keeps the structure (``"config"``) without the path.  A patch-14 tower
+            sets the ``grounding_config`` defaults ``output_stride=7``, ``image_stem=False``
+            (:func:`~echomoe.models.backbone.backbone_grounding_defaults`).
         **kwargs: ``PretrainedConfig`` fields.  ``pad_token_id`` / ``bos_token_id`` /
             ``eos_token_id`` default to 0 / 1 / 2, the ids of
             :func:`echomoe.data.tokenizer.train_tokenizer`, so ``generate()`` stops at the end of
@@ -122,8 +133,29 @@ class EchoMoEConfig(PretrainedConfig):
         det_token_id: int = 5,
         kpt_token_id: int = 6,
         loss_weights: dict[str, float] | None = None,
+        backbone: str | dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
+        self.backbone = None
+        if backbone is not None:
+            from echomoe.models.backbone import (
+                backbone_grounding_defaults,
+                backbone_text_config,
+                resolve_backbone,
+            )
+
+            if language_model_path is not None:
+                raise ValueError("give backbone or language_model_path, not both (the "
+                                 "backbone brings its own language model)")
+            if vision_config not in (None, {"kind": "backbone"}):
+                raise ValueError("vision_config must be left out with a backbone (its vision "
+                                 f"tower is the encoder), got {vision_config}")
+            self.backbone = resolve_backbone(backbone)
+            vision_config = {"kind": "backbone"}
+            if text_config is None:
+                text_config = backbone_text_config(self.backbone)
+            grounding_config = {**backbone_grounding_defaults(self.backbone),
+                                **(grounding_config or {})}
         self.vision_config = copy.deepcopy(vision_config) or {
             "kind": "native", "patch_size": 8, "hidden_size": 64, "depth": 2, "num_heads": 4,
         }

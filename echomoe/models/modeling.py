@@ -11,7 +11,8 @@ Data flow (see ``DESIGN.md``)::
 ``forward`` returns the total loss, the raw named losses (``lm``, ``seg_bce``, ``seg_dice``,
 ``box_l1``, ``box_giou``, ``keypoint``, ``moe_balance``, ``moe_z``, ``moe_region``,
 ``region_cls``; each present when its inputs are), logits, grounding predictions and routing.
-The total is ``sum(config.loss_weights[name] * loss)``.
+The total is ``sum(config.loss_weights[name] * loss)``.  With ``config.backbone`` the encoder,
+projector and LM are a pretrained VLM's own (:mod:`echomoe.models.backbone`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch
 from torch import Tensor, nn
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
     GenerationMixin,
@@ -45,12 +45,13 @@ from echomoe.grounding import (
     keypoint_loss,
     mask_loss,
 )
+from echomoe.models.backbone import build_backbone, build_language_model, build_vision_encoder
 from echomoe.models.configuration import EchoMoEConfig
 from echomoe.models.processor import EchoMoEProcessor
 from echomoe.moe.context import RoutingContext
 from echomoe.moe.layer import RoutingInfo, validate_region_ids
 from echomoe.moe.upcycle import moefy
-from echomoe.vision import HFVisionEncoder, Projector, RegionClassifier, VisionTransformer
+from echomoe.vision import Projector, RegionClassifier
 
 _MOE_LOSS_NAMES = {"balance": "moe_balance", "z": "moe_z", "region": "moe_region"}
 
@@ -119,24 +120,6 @@ def _unexpected_kwargs_message(names: list[str], forward) -> str:
             f"{', '.join(parts)}")
 
 
-def build_vision_encoder(config: EchoMoEConfig) -> nn.Module:
-    """The image encoder described by ``config.vision_config``."""
-    spec = dict(config.vision_config)
-    kind = spec.pop("kind", "native")
-    if kind == "native":
-        return VisionTransformer(image_size=config.image_size, in_channels=config.in_channels,
-                                 **spec)
-    if kind == "pretrained":
-        return HFVisionEncoder.from_pretrained(spec["path"])
-    if kind in ("siglip", "clip", "dinov2"):
-        model_type = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}.get(kind, kind)
-        hf_config = AutoConfig.for_model(model_type, **spec.get("config", {}))
-        return HFVisionEncoder.from_config(hf_config)
-    raise ValueError(
-        f"unknown vision_config kind {kind!r}; valid: native, pretrained, siglip, clip, dinov2"
-    )
-
-
 class EchoMoEPreTrainedModel(PreTrainedModel):
     """``PreTrainedModel`` base of the echomoe VLM: config class and HF plumbing."""
 
@@ -182,16 +165,16 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
     def __init__(self, config: EchoMoEConfig) -> None:
         super().__init__(config)
         g = config.grounding_config
-        self.vision = build_vision_encoder(config)
-        vision_dim, lm_dim = self.vision.hidden_size, config.text_config.hidden_size
-        self.projector = Projector(vision_dim, lm_dim, pool=config.projector_pool)
-        self.region_classifier = RegionClassifier(vision_dim, config.num_regions)
-        if config.language_model_path is not None:
-            self.language_model = AutoModelForCausalLM.from_pretrained(
-                config.language_model_path, config=config.text_config, local_files_only=True
-            )
+        lm_dim, language_model = config.text_config.hidden_size, None
+        if config.backbone is not None:  # the VLM's tower, its projector / merger and its LM
+            self.vision, self.projector, language_model = build_backbone(config)
         else:
-            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+            self.vision = build_vision_encoder(config)
+            self.projector = Projector(self.vision.hidden_size, lm_dim, pool=config.projector_pool)
+        vision_dim = self.vision.hidden_size  # features the region classifier / pixel decoder read
+        self.region_classifier = RegionClassifier(vision_dim, config.num_regions)
+        self.language_model = (language_model if language_model is not None
+                               else build_language_model(config))
         if config.moe_config:
             moe = {"num_regions": config.num_regions, **config.moe_config}
             self.routing_context = moefy(self.language_model, **moe)
@@ -234,14 +217,16 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
 
     # -- HF plumbing ----------------------------------------------------------------------
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save config + all weights; the saved config no longer points at the LM's source
-        directory, since the checkpoint itself carries the language model's weights."""
-        source = self.config.language_model_path
+        """Save config + all weights; the saved config no longer points at the LM's (or the
+        backbone's) source directory, since the checkpoint itself carries their weights."""
+        source, backbone = self.config.language_model_path, self.config.backbone
         self.config.language_model_path = None
+        if backbone is not None:
+            self.config.backbone = {**backbone, "path": None}
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:
-            self.config.language_model_path = source
+            self.config.language_model_path, self.config.backbone = source, backbone
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -267,6 +252,8 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
     @property
     def tokens_per_image(self) -> int:
         """``<image>`` placeholder tokens each image expands to in ``input_ids``."""
+        if hasattr(self.vision, "num_output_tokens"):  # a backbone's tower + projector
+            return self.vision.num_output_tokens(self.config.image_size)
         n = self.vision.num_patches(self.config.image_size)
         return n // 4 if self.config.projector_pool else n
 

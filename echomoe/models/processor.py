@@ -172,9 +172,14 @@ def image_tokens_per_image(config) -> int:
     ``(image_size / patch_size) ** 2`` patch tokens (class / register tokens are dropped), divided
     by 4 with ``projector_pool`` (2x2 pooling).  ``patch_size`` comes from ``vision_config``:
     native ViT kwargs, a transformers vision ``config`` dict, or a local ``pretrained`` path.
+    With a ``backbone``: :func:`~echomoe.models.backbone.backbone_tokens_per_image`.
     """
     spec = dict(config.vision_config)
     kind = spec.get("kind", "native")
+    if kind == "backbone":  # the VLM's own merger / feature selection sets the count
+        from echomoe.models.backbone import backbone_tokens_per_image
+
+        return backbone_tokens_per_image(config)
     if kind == "native":
         patch = spec.get("patch_size", 16)
     elif kind in ("siglip", "clip", "dinov2"):

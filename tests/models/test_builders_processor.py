@@ -13,6 +13,7 @@ from echomoe.data.collate import VLMCollator
 from echomoe.data.synthetic.generate import generate
 from echomoe.data.tokenizer import SPECIAL_TOKENS
 from echomoe.models import (
+    EQUAL_ACTIVE_VARIANTS,
     PRESETS,
     VARIANTS,
     EchoMoEConfig,
@@ -25,7 +26,7 @@ from echomoe.models import (
 )
 from echomoe.moe import moefy
 
-MOE_VARIANTS = [v for v in VARIANTS if v != "dense"]
+MOE_VARIANTS = list(EQUAL_ACTIVE_VARIANTS)  # at dense's active FFN parameters
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,14 @@ def test_build_model_forward_smoke(variant, processor, images):
     assert torch.isfinite(out.logits).all()
     counts = count_parameters(model)
     dense = count_parameters(build_model("tiny", "dense"))
+    if variant == "echovlm":  # the whole dense MLP plus a shared expert and 2 of 4 experts
+        f = model.config.text_config.intermediate_size
+        moe = model.config.moe_config
+        extra = 2 * moe["top_k"] * 3 * 64 * moe["intermediate_size"] \
+            + 2 * 3 * 64 * moe["shared_expert_size"]
+        assert (moe["intermediate_size"], moe["shared_expert_size"], f) == (10, 38, 128)
+        assert counts["active"] - counts["router"] == dense["active"] - dense["router"] + extra
+        return
     assert counts["active"] - counts["router"] == dense["active"] - dense["router"]
 
 
