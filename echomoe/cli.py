@@ -39,8 +39,21 @@ more:
 """
 
 
-def _info(_: argparse.Namespace) -> int:
+def _info(args: argparse.Namespace) -> int:
     import torch
+
+    if args.plan:
+        from echomoe.models.builders import build_config
+        from echomoe.models.plan import plan
+
+        overrides = {}
+        if args.text_config:
+            overrides["text_config"] = json.loads(args.text_config)
+        print(json.dumps(plan(build_config(args.preset, args.variant, **overrides),
+                              gpus=args.gpus, zero=args.zero, ep=args.ep, dtype=args.dtype,
+                              micro_batch=args.micro_batch, seq_len=args.seq_len,
+                              checkpointing=not args.no_checkpointing), indent=2))
+        return 0
 
     from echomoe import __version__
     from echomoe.moe import BACKENDS, ROUTERS
@@ -155,7 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="print versions, routers and MoE backends available here (JSON)",
         description=_wrap(
             "Print the echomoe and torch versions, whether CUDA is available, and the "
-            "registered routers and MoE dispatch backends, as JSON."))
+            "registered routers and MoE dispatch backends, as JSON. With --plan: the "
+            "parameters (total / active / router / expert) of a preset x variant and its "
+            "per-GPU training memory under DeepSpeed ZeRO x expert parallelism "
+            "(echomoe.models.plan), as JSON."))
+    info.add_argument("--plan", action="store_true", help="plan a training run instead")
+    info.add_argument("--preset", default="small", help="model preset (default: small)")
+    info.add_argument("--variant", default="dense", help="model variant (default: dense)")
+    info.add_argument("--text-config", metavar="JSON",
+                      help='LM config overrides, e.g. \'{"hidden_size": 1536, ...}\'')
+    info.add_argument("--gpus", type=int, default=1, help="GPUs (default: 1)")
+    info.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3 (default: 0)")
+    info.add_argument("--ep", type=int, default=1, help="expert-parallel size (default: 1)")
+    info.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default: bf16)")
+    info.add_argument("--micro-batch", type=int, default=1,
+                      help="sequences per GPU per step (default: 1)")
+    info.add_argument("--seq-len", type=int, default=2048,
+                      help="tokens per sequence (default: 2048)")
+    info.add_argument("--no-checkpointing", action="store_true",
+                      help="estimate activations without activation checkpointing")
     info.set_defaults(func=_info)
 
     def region(name: str) -> str:

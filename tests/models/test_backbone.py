@@ -303,3 +303,12 @@ def test_experiment_yaml_trains_with_a_backbone(vlms, tmp_path):
                                rates=cfg.tasks.rates(), batch_size=3, seed=0)
     history = train(model, batches, steps=2, lr=1e-3, progress=False, handle_sigterm=False)
     assert len(history) == 2 and all(np.isfinite(row["loss"]) for row in history)
+
+
+def test_plan_counts_a_backbone_model(vlms):
+    from echomoe.models import count_parameters
+    from echomoe.models.plan import plan
+
+    model, _ = _model(vlms["qwen2_vl"][0], "moe_region_hard")
+    planned = plan(model.config, gpus=2, zero=2)["parameters"]
+    assert {k: planned[k] for k in ("total", "active", "router")} == count_parameters(model)
