@@ -46,13 +46,21 @@ def _info(args: argparse.Namespace) -> int:
         from echomoe.models.builders import build_config
         from echomoe.models.plan import plan
 
-        overrides = {}
-        if args.text_config:
-            overrides["text_config"] = json.loads(args.text_config)
-        print(json.dumps(plan(build_config(args.preset, args.variant, **overrides),
-                              gpus=args.gpus, zero=args.zero, ep=args.ep, dtype=args.dtype,
-                              micro_batch=args.micro_batch, seq_len=args.seq_len,
-                              checkpointing=not args.no_checkpointing), indent=2))
+        try:
+            overrides = {}
+            if args.text_config:
+                try:
+                    overrides["text_config"] = json.loads(args.text_config)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"--text-config is not valid JSON: {err}") from None
+            result = plan(build_config(args.preset, args.variant, **overrides),
+                          gpus=args.gpus, zero=args.zero, ep=args.ep, dtype=args.dtype,
+                          micro_batch=args.micro_batch, seq_len=args.seq_len,
+                          checkpointing=not args.no_checkpointing)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(json.dumps(result, indent=2))
         return 0
 
     from echomoe import __version__

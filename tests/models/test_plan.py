@@ -68,3 +68,15 @@ def test_cli_prints_the_plan(capsys):
     assert out["parameters"] == plan(build_config("tiny", "moe_region_hard"), gpus=2,
                                      zero=1)["parameters"]
     assert out["setup"]["zero"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text-config", "{hidden: 1}"], "--text-config is not valid JSON"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--zero", "5"], "zero must be 0, 1, 2 or 3"),
+    (["--variant", "moe_topk", "--gpus", "6", "--ep", "4"], "ep=4 must divide gpus=6"),
+])
+def test_cli_plan_names_bad_input(capsys, argv, message):
+    assert main(["info", "--plan", "--preset", "tiny", *argv]) == 1
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
