@@ -217,7 +217,8 @@ def slice_scale(slices: int, router: nn.Module) -> float:
     return slices / (router.top_k * _uniform_weight(router))
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder layers (each with an ``mlp``) of an HF causal LM."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     for candidate in (decoder, getattr(model, "model", None), model):
         layers = getattr(candidate, "layers", None)
@@ -296,10 +297,10 @@ def moefy(
     if keep_dense and moe_kwargs.get("dense_branch_size"):
         raise ValueError("keep_dense makes each layer's own MLP the dense branch; do not also "
                          "pass dense_branch_size")
-    decoder_layers = _decoder_layers(model)
+    layers_of_model = decoder_layers(model)
     context = RoutingContext()
-    for i in select_layers(len(decoder_layers), layers):
-        dense = decoder_layers[i].mlp
+    for i in select_layers(len(layers_of_model), layers):
+        dense = layers_of_model[i].mlp
         activation, linears = describe_mlp(dense)
         hidden, width = linears[0].in_features, linears[0].out_features
         kwargs = {"intermediate_size": width, **moe_kwargs}
@@ -312,7 +313,7 @@ def moefy(
         moe.to(device=linears[0].weight.device, dtype=linears[0].weight.dtype)
         if upcycle:
             _upcycle_into(moe, dense, noise_std, generator)
-        decoder_layers[i].mlp = MoEAdapter(moe, context, name=f"layers.{i}")
+        layers_of_model[i].mlp = MoEAdapter(moe, context, name=f"layers.{i}")
     return context
 
 

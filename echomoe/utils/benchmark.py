@@ -261,12 +261,12 @@ def upcycle_fidelity(dense_lm: nn.Module, input_ids: Tensor, region_ids: Tensor 
     """
     import copy
 
-    from echomoe.moe.upcycle import _decoder_layers, moefy
+    from echomoe.moe.upcycle import decoder_layers, moefy
 
     dense_lm = dense_lm.eval()
     converted = copy.deepcopy(dense_lm)
     context = moefy(converted, upcycle=True, **moefy_kwargs)
-    originals = [layer.mlp for layer in _decoder_layers(dense_lm)]
+    originals = [layer.mlp for layer in decoder_layers(dense_lm)]
     if random_router:
         with torch.no_grad():
             for module in converted.modules():
@@ -274,7 +274,7 @@ def upcycle_fidelity(dense_lm: nn.Module, input_ids: Tensor, region_ids: Tensor 
                     module.router.weight.normal_(std=0.02)
     errors: list[float] = []
     hooks = []
-    for layer, original in zip(_decoder_layers(converted), originals, strict=True):
+    for layer, original in zip(decoder_layers(converted), originals, strict=True):
         if layer.mlp is original:
             continue
 
