@@ -1,18 +1,19 @@
-"""Scale-out: ``torchrun`` process groups, expert parallelism, DDP / DeepSpeed training
-strategies and consolidated checkpoints.
+"""Scale-out primitives: ``torchrun`` process groups, all-to-all, expert parallelism, sharded
+batches, ZeRO-3 support and consolidated checkpoints.
 
 =========================== ================================================================
 :mod:`.runtime`             :func:`init_distributed` from the ``torchrun`` environment
 :mod:`.all_to_all`          differentiable all-to-all with uneven splits
 :mod:`.expert_parallel`     :func:`shard_experts`: each rank keeps ``E / P`` experts
 :mod:`.data`                :class:`ShardedBatches`: each rank reads its shard of a batch
-:mod:`.strategy`            how :func:`echomoe.train.train` runs a step (local, DDP)
-:mod:`.zero`                the DeepSpeed ZeRO strategy
+:mod:`.zero`                ZeRO-3 gathering of echomoe's MoE parameters
 :mod:`.checkpoint`          :func:`save_pretrained_consolidated`: one ordinary checkpoint
 =========================== ================================================================
 
-Training code does not change: :func:`echomoe.train.train` picks the strategy from the
-environment (``torchrun``) and its ``deepspeed=`` / ``ep_size=`` arguments.
+Nothing here imports :mod:`echomoe.train`.  The training strategies built on these pieces
+(local, DDP, DeepSpeed) are in :mod:`echomoe.train.strategy` and :mod:`echomoe.train.deepspeed`;
+:func:`echomoe.train.train` picks one from the environment (``torchrun``) and its
+``deepspeed=`` / ``ep_size=`` arguments.
 """
 
 from echomoe.distributed.all_to_all import all_to_all
@@ -35,7 +36,6 @@ from echomoe.distributed.runtime import (
     is_distributed,
     world_info,
 )
-from echomoe.distributed.strategy import make_strategy
 
 __all__ = [
     "ExpertParallelExperts",
@@ -52,7 +52,6 @@ __all__ = [
     "gather_expert_state",
     "init_distributed",
     "is_distributed",
-    "make_strategy",
     "save_pretrained_consolidated",
     "shard_experts",
     "world_info",

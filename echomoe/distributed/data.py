@@ -2,7 +2,7 @@
 
 With ``P`` data-parallel ranks, global step ``i`` of epoch ``t`` consists of the batches
 ``i * P, i * P + 1, ..., i * P + P - 1`` of the underlying batch source; rank ``r`` reads batch
-``i * P + r`` (and nothing else: an :class:`~echomoe.train.loop.IndexedBatches` collates only
+``i * P + r`` (and nothing else: an :class:`~echomoe.train.batches.IndexedBatches` collates only
 its own items).  A one-process run with ``grad_accum = P`` micro-batches therefore sees exactly
 the same global batch, which is what makes the distributed and single-process runs comparable.
 An epoch ends at its last *complete* group of ``P`` batches, so every rank takes the same number

@@ -4,6 +4,7 @@ Importing ``echomoe.train`` needs torch, numpy, safetensors and tqdm only; ``pef
 by :func:`apply_lora` when it is called.
 """
 
+from echomoe.train.batches import FactoryBatches, IndexedBatches, MultiTaskBatches
 from echomoe.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -12,12 +13,10 @@ from echomoe.train.checkpoint import (
     seed_everything,
 )
 from echomoe.train.loop import (
-    FactoryBatches,
     History,
-    IndexedBatches,
-    MultiTaskBatches,
     NonFiniteLossError,
     make_loss_eval,
+    make_strategy,
     set_loss_weights,
     train,
 )
@@ -72,6 +71,7 @@ __all__ = [
     "load_checkpoint",
     "lr_schedule",
     "make_loss_eval",
+    "make_strategy",
     "param_groups",
     "save_checkpoint",
     "seed_everything",

@@ -198,7 +198,11 @@ def save_checkpoint(
 
 
 # ----------------------------------------------------------------------------- load
-def _load_state(file: Path, map_location, trust_pickle: bool) -> dict:
+def load_training_state(file: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        trust_pickle: bool = False) -> dict:
+    """A ``training_state*.pt`` file, read with ``torch.load(weights_only=True)``; with
+    ``trust_pickle`` a file that needs unpickling is read anyway (with a warning; only for your
+    own checkpoints).  Otherwise such a file is an ``UnpicklingError`` that says so."""
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -257,7 +261,7 @@ def load_checkpoint(
                                      device=str(device))
     if strict and (missing or unexpected):  # older safetensors return instead of raising
         raise RuntimeError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
-    state = _load_state(path / STATE_FILE, map_location, trust_pickle)
+    state = load_training_state(path / STATE_FILE, map_location, trust_pickle)
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is not None:
             if state.get(name) is None:

@@ -37,7 +37,14 @@ from echomoe.metrics.significance import (
     seed_average,
     seed_summary,
 )
-from echomoe.train.sweep import run_label
+
+
+def run_label(summary: dict[str, Any]) -> str:
+    """The name a run is tabulated under: its variant, ``"<variant> (blind)"`` for a run whose
+    images were withheld (``data.blind``), so blind runs never pool with their variant."""
+    variant = str(summary.get("variant"))
+    return f"{variant} (blind)" if summary.get("blind") else variant
+
 
 HEADLINE: tuple[tuple[str, str, str, str, bool], ...] = (
     # (task, summary metric, per-case score, column, higher is better)

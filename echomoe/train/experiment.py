@@ -191,8 +191,9 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     from echomoe.metrics.priors import prior_results, report_ceiling
     from echomoe.metrics.routing import routing_heatmap
     from echomoe.models.builders import count_parameters
+    from echomoe.train.batches import MultiTaskBatches
     from echomoe.train.checkpoint import seed_everything
-    from echomoe.train.loop import MultiTaskBatches, make_loss_eval, train
+    from echomoe.train.loop import make_loss_eval, train
     from echomoe.train.optim import Stage, apply_lora, merge_lora
 
     t, e, lg = cfg.train, cfg.eval, cfg.logging

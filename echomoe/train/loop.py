@@ -8,12 +8,20 @@
     history = train(model, batches, steps=200, lr=1e-3, warmup=20, grad_accum=2, clip=1.0,
                     checkpoint_dir="runs/a/checkpoints", checkpoint_every=50, seed=0)
 
-**Data order.**  A batch source maps ``(epoch, position)`` to a batch.
-:class:`MultiTaskBatches` permutes the samples with ``default_rng([seed, epoch])`` and draws each
-sample's task with :class:`~echomoe.data.collate.TaskTransform` (key ``(epoch, sample id)``), so a
-batch depends only on ``(seed, epoch, position)``: a resumed run sees exactly the batches the
-uninterrupted run would have seen.  A plain callable ``epoch -> iterable of batches`` works too
-(it is fast-forwarded on resume, so it must be deterministic in ``epoch``).
+**The step** (as written in :func:`train`; the strategy, :mod:`echomoe.train.strategy`, only
+wraps the model, runs backward and reduces across processes)::
+
+    optimizer.zero_grad(set_to_none=True)
+    for micro in range(grad_accum):
+        with strategy.no_sync(last), autocast(precision, device):
+            out = model(**batch)                       # out.loss, out.losses
+            strategy.backward(out.loss, grad_accum=grad_accum, last=last)
+    grad_norm = strategy.clip_grad_norm(params, clip)
+    optimizer.step()
+    scheduler.step()
+
+**Data order.**  A batch source (:mod:`echomoe.train.batches`) maps ``(epoch, position)`` to a
+batch, so a resumed run sees exactly the batches the uninterrupted run would have seen.
 
 **Losses.**  The model weights its raw named losses with ``config.loss_weights`` into
 ``out.loss`` (the quantity optimised); the loop records ``loss`` (that total) and ``losses`` (the
@@ -23,7 +31,7 @@ raw dict, MoE aux losses included), each averaged over the micro-batches of a st
 ``torch.autocast(device, dtype=torch.bfloat16)``: weights, gradients and optimiser state stay
 fp32, backward runs outside autocast, evaluation runs in fp32.  ``"auto"`` is bf16 on CUDA and
 fp32 on CPU (where bf16 autocast is slower); with ``deepspeed=`` the config's ``bf16`` section
-decides (see :class:`~echomoe.distributed.zero.DeepSpeed`).
+decides (see :class:`~echomoe.train.deepspeed.DeepSpeed`).
 
 **Order within a step**: forward/backward x ``grad_accum`` -> clip -> optimiser and scheduler
 step -> record + ``log_fn`` -> evaluation (every ``eval_every``; RNG state restored afterwards,
@@ -33,20 +41,20 @@ end, and on SIGTERM).  A resumed run continues after the last saved step with id
 
 from __future__ import annotations
 
-import itertools
 import math
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from echomoe.distributed.runtime import barrier, init_distributed, is_distributed
+from echomoe.train.batches import BatchCursor, as_batch_source
 from echomoe.train.checkpoint import (
     latest_valid_checkpoint,
     prune_checkpoints,
@@ -57,7 +65,18 @@ from echomoe.train.checkpoint import (
     set_rng_state,
     step_dirname,
 )
-from echomoe.train.optim import SCHEDULES, Stage, apply_stage, check_betas, stage_at
+from echomoe.train.deepspeed import DeepSpeed
+from echomoe.train.optim import (
+    SCHEDULES,
+    Stage,
+    apply_stage,
+    build_optimizer,
+    build_scheduler,
+    check_betas,
+    stage_at,
+)
+from echomoe.train.precision import autocast, check_precision
+from echomoe.train.strategy import DDP, Local
 
 BEST_DIRNAME = "best"
 
@@ -88,190 +107,6 @@ class History(list):
         self.best: dict[str, Any] | None = None
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
-
-
-# ----------------------------------------------------------------------------- batches
-class IndexedBatches:
-    """Batches of a random-access ``dataset`` with a per-epoch permutation.
-
-    Batch ``index`` of ``epoch`` holds the items at positions ``index * batch_size ...`` of
-    ``default_rng([seed, epoch]).permutation(len(dataset))`` (or of ``range`` without
-    ``shuffle``), passed through ``collate_fn``.
-
-    Args:
-        dataset: anything with ``__len__`` and ``__getitem__(int)``.
-        collate_fn: list of items -> batch dict of tensors.
-        batch_size: items per batch.
-        seed: permutation seed.
-        shuffle: permute per epoch.
-        drop_last: drop the last incomplete batch of an epoch.
-    """
-
-    def __init__(self, dataset, *, collate_fn: Callable[[list], dict], batch_size: int,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.dataset = dataset
-        self.collate_fn = collate_fn
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        if len(self) == 0:
-            raise ValueError(f"{len(dataset)} items make no batch of {batch_size}"
-                             + (" (drop_last=True)" if drop_last else ""))
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Dataset positions in the order of ``epoch``."""
-        if self._order is None or self._order[0] != epoch:
-            n = len(self.dataset)
-            order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                     else np.arange(n))
-            self._order = (epoch, self.arrange(order, epoch))
-        return self._order[1]
-
-    def arrange(self, order: np.ndarray, epoch: int) -> np.ndarray:
-        """Rearrange the positions of ``epoch`` before they are cut into batches (a hook for
-        subclasses; here unchanged)."""
-        return order
-
-    def item(self, position: int, epoch: int) -> Any:
-        """One dataset item (override to transform items per epoch)."""
-        return self.dataset[position]
-
-    def batch(self, epoch: int, index: int) -> dict:
-        """Batch ``index`` of ``epoch``."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"batch index {index} out of range for {len(self)} batches")
-        chosen = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.collate_fn([self.item(int(i), epoch) for i in chosen])
-
-    def iterate(self, epoch: int, start: int = 0) -> Iterator[dict]:
-        """Batches ``start, start + 1, ...`` of ``epoch``."""
-        return (self.batch(epoch, i) for i in range(start, len(self)))
-
-
-class MultiTaskBatches(IndexedBatches):
-    """Multi-task batches from :class:`~echomoe.data.schema.UltrasoundSample` objects.
-
-    Each sample's task is drawn by a :class:`~echomoe.data.tasks.TaskSampler` with the given
-    sampling ``rates`` (relative weights) through
-    :class:`~echomoe.data.collate.TaskTransform` with key ``(epoch, crc32(sample id))``; the
-    items go through ``collator`` (a :class:`~echomoe.data.collate.VLMCollator`).  Samples that
-    support none of the tasks with a positive rate are left out (``skipped`` counts them).
-
-    With ``group_by_length`` (as ``transformers``' ``group_by_length``), each epoch's
-    permutation is cut into windows of ``group_window`` batches; a window's samples are sorted
-    by sequence length (``collator.sequence_length(item)``, the tokens of this epoch's task)
-    and cut into batches, and the epoch's full batches are shuffled.  Batches then hold
-    samples of similar length, so far less padding, while every sample is still seen once
-    per epoch in an order that depends only on ``(seed, epoch)``; an incomplete last batch
-    stays last.  Windows of a few batches (the default, 4) keep some task mix in a batch.
-
-    Grouping changes what a batch holds, not only its padding: a grouped batch holds fewer
-    tasks, which in the demo cost the MoE variants quality (see the README) while the dense
-    model was unaffected.  Off by default.
-    """
-
-    def __init__(self, samples: Sequence, *, collator: Callable[[list], dict],
-                 rates: Mapping[str, float], batch_size: int, seed: int = 0,
-                 drop_last: bool = True, group_by_length: bool = False,
-                 group_window: int = 4):
-        from echomoe.data.collate import TaskTransform
-        from echomoe.data.tasks import TaskSampler
-
-        if group_by_length and not callable(getattr(collator, "sequence_length", None)):
-            raise TypeError(f"group_by_length needs a collator with sequence_length(item) "
-                            f"(e.g. VLMCollator); got {type(collator).__name__}")
-        if group_window < 1:
-            raise ValueError(f"group_window must be >= 1 batch, got {group_window}")
-        sampler = TaskSampler(rates, seed=seed)
-        kept = [s for s in samples if sampler.supported(s)]
-        self.skipped = len(samples) - len(kept)
-        if not kept:
-            raise ValueError(f"none of the {len(samples)} samples supports a task with a "
-                             f"positive rate in {dict(rates)}")
-        self.transform = TaskTransform(sampler)
-        self.group_by_length = group_by_length
-        self.group_window = int(group_window)
-        super().__init__(kept, collate_fn=collator, batch_size=batch_size, seed=seed,
-                         drop_last=drop_last)
-
-    def item(self, position: int, epoch: int) -> dict:
-        self.transform.set_epoch(epoch)
-        return self.transform.example(self.dataset[position])
-
-    def arrange(self, order: np.ndarray, epoch: int) -> np.ndarray:
-        """Group by length when asked (see the class docstring)."""
-        if not self.group_by_length:
-            return order
-        bs = self.batch_size
-        full, rest = np.split(order, [len(order) // bs * bs])
-        length_of = self.collate_fn.sequence_length
-        lengths = np.array([length_of(self.item(int(i), epoch)) for i in full])
-        window = self.group_window * bs
-        batches = []
-        for start in range(0, len(full), window):
-            by_length = np.argsort(-lengths[start:start + window], kind="stable")
-            batches.extend(np.split(full[start:start + window][by_length],
-                                    len(by_length) // bs))
-        shuffle = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
-        return np.concatenate([*(batches[i] for i in shuffle), rest])
-
-
-class FactoryBatches:
-    """Wrap ``factory(epoch) -> iterable of batches``; resuming skips the consumed batches
-    (so ``factory`` must give the same batches for the same epoch)."""
-
-    def __init__(self, factory: Callable[[int], Iterable[dict]]):
-        self.factory = factory
-
-    def iterate(self, epoch: int, start: int = 0) -> Iterator[dict]:
-        """Batches ``start, start + 1, ...`` of ``factory(epoch)`` (the first ``start`` are
-        drawn and dropped)."""
-        return itertools.islice(iter(self.factory(epoch)), start, None)
-
-
-def as_batch_source(batches) -> IndexedBatches | FactoryBatches:
-    """An object with ``iterate(epoch, start)``: batch sources pass through, a callable
-    becomes :class:`FactoryBatches`."""
-    if hasattr(batches, "iterate"):
-        return batches
-    if callable(batches):
-        return FactoryBatches(batches)
-    raise TypeError("train_batches must be a batch source (IndexedBatches / MultiTaskBatches) "
-                    f"or a callable epoch -> iterable of batches, got {type(batches).__name__}")
-
-
-class _Cursor:
-    """Position ``(epoch, index)`` in a batch source; ``next()`` moves across epochs."""
-
-    def __init__(self, source, epoch: int = 0, index: int = 0):
-        self.source, self.epoch, self.index = source, int(epoch), int(index)
-        self._it: Iterator[dict] | None = None
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def next(self) -> dict:
-        for _ in range(2):
-            if self._it is None:
-                self._it = self.source.iterate(self.epoch, self.index)
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                if self.index == 0:
-                    break
-                self.epoch, self.index, self._it = self.epoch + 1, 0, None
-                continue
-            self.index += 1
-            return batch
-        raise ValueError(f"the batch source yielded no batch for epoch {self.epoch}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -352,6 +187,25 @@ def _check_loss(out: Any, *, step: int, micro: int, grad_accum: int, position: d
 
 
 # ----------------------------------------------------------------------------- the loop
+def make_strategy(*, deepspeed=None, ep_size: int | None = None,
+                  micro_batch_size: int | None = None) -> Local:
+    """The strategy for this process: :class:`~echomoe.train.deepspeed.DeepSpeed` when
+    ``deepspeed`` is given, :class:`~echomoe.train.strategy.DDP` under ``torchrun`` with more
+    than one process, else :class:`~echomoe.train.strategy.Local`."""
+    if deepspeed is not None:
+        if ep_size not in (None, 1):
+            raise ValueError("ep_size > 1 is not combined with DeepSpeed; use torchrun without "
+                             "deepspeed= for expert parallelism")
+        return DeepSpeed(deepspeed, micro_batch_size=micro_batch_size)
+    init_distributed()
+    if is_distributed():
+        return DDP(ep_size)
+    if ep_size not in (None, 1):
+        raise ValueError(f"ep_size={ep_size} needs {ep_size} processes: launch with "
+                         f"`torchrun --nproc_per_node {ep_size}`")
+    return Local()
+
+
 def train(
     model: nn.Module,
     train_batches,
@@ -429,7 +283,7 @@ def train(
             checkpoint and return with ``history.interrupted = True`` (main thread only); a
             second SIGINT while it finishes raises ``KeyboardInterrupt`` at once.
         deepspeed: a DeepSpeed config (dict or JSON path): train with DeepSpeed ZeRO (see
-            :class:`echomoe.distributed.zero.DeepSpeed`), in one process or under
+            :class:`echomoe.train.deepspeed.DeepSpeed`), in one process or under
             ``torchrun``.
         ep_size: expert parallelism under ``torchrun`` (``None``: shard the experts built with
             ``backend="expert_parallel"`` over all ranks; ``1``: off).
@@ -465,24 +319,22 @@ def train(
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if eval_every and eval_fn is None:
         raise ValueError("eval_every is set but no eval_fn was given")
-    from echomoe.distributed.runtime import barrier
-    from echomoe.distributed.strategy import check_precision, make_strategy
-
     check_precision(precision)
     if loss_weights:
         set_loss_weights(model, loss_weights)
 
+    # -- set-up: strategy, optimiser, schedule -------------------------------------------
     source = as_batch_source(train_batches)
     device = next(model.parameters()).device
     strategy = make_strategy(deepspeed=deepspeed, ep_size=ep_size,
                              micro_batch_size=getattr(source, "batch_size", None))
-    if stages and strategy.name == "deepspeed":
-        strategy.on_stage_change()  # raises: DeepSpeed fixes the trainable parameters
-    staged = {"stages": tuple(stages)} if stages else {}  # (DeepSpeed refused them above)
-    strategy.setup(model, lr=lr, weight_decay=weight_decay, expert_lr_scale=expert_lr_scale,
-                   warmup=warmup, steps=steps, min_lr_ratio=min_lr_ratio,
-                   grad_accum=grad_accum, clip=clip, betas=betas, eps=eps, schedule=schedule,
-                   precision=precision, **staged)
+    forward_precision = strategy.prepare(model, precision=precision, grad_accum=grad_accum,
+                                         clip=clip, staged=bool(stages))
+    optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+                                expert_lr_scale=expert_lr_scale, **strategy.optimizer_options)
+    scheduler = build_scheduler(optimizer, schedule=schedule, warmup=warmup, total=steps,
+                                min_ratio=min_lr_ratio, stages=tuple(stages) if stages else None)
+    train_model, optimizer, scheduler = strategy.wrap(model, optimizer, scheduler)
     module = strategy.module
     main = strategy.world.is_main
     source = strategy.shard(source)
@@ -513,7 +365,7 @@ def train(
     else:
         seed_everything(seed)
     history.best = best
-    cursor = _Cursor(source, **data_state)
+    cursor = BatchCursor(source, **data_state)
     end = min(steps, stop_at) if stop_at is not None else steps
 
     stop = {"signal": None}
@@ -548,36 +400,39 @@ def train(
                 index, stage = stage_at(stages, step)
                 if index != stage_index:
                     apply_stage(module, stage)
-                    strategy.on_stage_change()
+                    train_model = strategy.on_stage_change()
                     stage_index, stage_name = index, stage.name
             params = [p for p in module.parameters() if p.requires_grad]
             if not params:
                 raise ValueError("no trainable parameter (everything is frozen)")
             started = time.perf_counter()
-            strategy.zero_grad()
+            optimizer.zero_grad(set_to_none=True)
             total, sums, counts = 0.0, {}, {}
             for micro in range(grad_accum):
                 last = micro == grad_accum - 1
-                batch = cursor.next()
+                batch = _to_device(cursor.next(), device)
                 position = {"epoch": cursor.epoch, "index": cursor.index - 1}
-                out = strategy.forward(_to_device(batch, device), last=last)
-                _check_loss(out, step=step + 1, micro=micro, grad_accum=grad_accum,
-                            position=position)
-                loss = _field(out, "loss")
-                strategy.backward(loss, grad_accum=grad_accum, last=last)
+                with strategy.no_sync(last):  # DDP: all-reduce in the last backward only
+                    with autocast(forward_precision, device):
+                        out = train_model(**batch)
+                    _check_loss(out, step=step + 1, micro=micro, grad_accum=grad_accum,
+                                position=position)
+                    loss = _field(out, "loss")
+                    strategy.backward(loss, grad_accum=grad_accum, last=last)
                 total += loss.item() / grad_accum
                 for name, value in (_field(out, "losses") or {}).items():
                     sums[name] = sums.get(name, 0.0) + value.item()
                     counts[name] = counts.get(name, 0) + 1
             epoch = cursor.epoch  # of the step's last batch
-            grad_norm = strategy.clip(params, clip)
+            grad_norm = strategy.clip_grad_norm(params, clip)  # None: DeepSpeed clips in step
             if grad_norm is not None and not math.isfinite(grad_norm):
                 raise NonFiniteLossError(
                     f"non-finite gradient norm ({grad_norm}) at step {step + 1} with finite "
                     f"loss {total}; training stopped before the optimiser step.",
                     step=step + 1, names=["grad_norm"])
-            current_lr = strategy.lr()
-            strategy.step()
+            current_lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
             if grad_norm is None:
                 grad_norm = strategy.grad_norm()
             step += 1

@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from echomoe.config.sweep import Sweep, format_value, read_sweep
+from echomoe.train.comparison import comparison_markdown, run_label
 
 RunFn = Callable[[str, list[str]], None]
 """``run_fn(run_name, overrides)``: train and evaluate one run, writing its ``summary.json``."""
@@ -300,15 +301,8 @@ def sweep_group_by(sweep_path: str | os.PathLike) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- tables
 
 
-def run_label(summary: dict[str, Any]) -> str:
-    """The name a run is tabulated under: its variant, ``"<variant> (blind)"`` for a run whose
-    images were withheld (``data.blind``), so blind runs never pool with their variant."""
-    variant = str(summary.get("variant"))
-    return f"{variant} (blind)" if summary.get("blind") else variant
-
-
 def _key(summary: dict[str, Any], name: str) -> Any:
-    """``summary[name]`` (``variant``: :func:`run_label`), falling back to
+    """``summary[name]`` (``variant``: :func:`~echomoe.train.comparison.run_label`), falling back to
     ``summary["axes"][name]``."""
     if name == "variant" and "variant" in summary:
         return run_label(summary)
@@ -480,8 +474,6 @@ def write_results(summaries: Sequence[dict[str, Any]], out_dir: str | os.PathLik
     rows = results_table(summaries, metrics, group_by)
     done = [s for s in summaries if _is_finished(s)]
     if done and all(s.get("priors") for s in done):
-        from echomoe.train.comparison import comparison_markdown
-
         reference = "dense" if any(run_label(s) == "dense" for s in done) else run_label(done[0])
         (out / "comparison.md").write_text(
             "# Comparison\n\n" + comparison_markdown(done, reference=reference))

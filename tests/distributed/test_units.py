@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from _launch import ListBatches
 
-from echomoe.distributed import ShardedBatches, check_expert_split, make_strategy
-from echomoe.distributed.strategy import Local
+from echomoe.distributed import ShardedBatches, check_expert_split
 from echomoe.moe import megablocks as mb
 from echomoe.moe.builders import build_moe_layer
+from echomoe.train.loop import make_strategy
 from echomoe.train.optim import build_optimizer, split_moe_groups
+from echomoe.train.strategy import Local
 
 
 def _batches(n):

@@ -283,8 +283,8 @@ def test_save_load_round_trip_and_generate(vlms, kind, tmp_path):
 def test_experiment_yaml_trains_with_a_backbone(vlms, tmp_path):
     from echomoe.config import ConfigError, load_config
     from echomoe.data.synthetic.generate import generate
+    from echomoe.train import MultiTaskBatches, train
     from echomoe.train.experiment import build_model_and_processor, make_collator
-    from echomoe.train.loop import MultiTaskBatches, train
 
     shipped = "configs/experiments/backbone_qwen2vl.yaml"
     cfg = load_config(shipped)  # validates without the directory: it is read at build time

@@ -11,8 +11,6 @@ import torch
 from torch import nn
 
 from echomoe.config import ConfigError, load_config
-from echomoe.distributed.strategy import resolve_precision
-from echomoe.distributed.zero import deepspeed_precision
 from echomoe.train import (
     WarmupConstant,
     WarmupCosine,
@@ -22,7 +20,10 @@ from echomoe.train import (
     lr_schedule,
     train,
 )
+from echomoe.train import loop as loop_module
 from echomoe.train import optim as optim_module
+from echomoe.train.deepspeed import deepspeed_precision
+from echomoe.train.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "configs" / "experiments" / "base.yaml"
@@ -105,7 +106,7 @@ def test_betas_and_eps_reach_every_param_group(monkeypatch):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(optim_module, "build_optimizer", spy)
+    monkeypatch.setattr(loop_module, "build_optimizer", spy)
     train(Toy(), toy_batches, steps=1, lr=1e-3, betas=(0.7, 0.9), eps=1e-5, progress=False)
     assert len(built[0].param_groups) == 2  # decay, no_decay
     assert all(g["betas"] == (0.7, 0.9) and g["eps"] == 1e-5 for g in built[0].param_groups)

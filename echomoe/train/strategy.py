@@ -1,12 +1,21 @@
-"""How :func:`echomoe.train.train` runs a step: one process, torch DDP, or DeepSpeed ZeRO.
+"""How :func:`echomoe.train.train` spreads a step over processes: one process, DDP, DeepSpeed.
 
-:func:`make_strategy` picks one (``train()`` calls it; users never need to):
+The loop owns the step (optimiser, schedule, autocast, clipping); a strategy only
+
+* prepares the model (expert sharding) and wraps it with its optimiser and schedule
+  (:meth:`Local.wrap`, like ``deepspeed.initialize``),
+* runs backward (``no_sync`` between micro-batches, expert-gradient reduction),
+* measures the gradient norm over all ranks,
+* shards the batch source, reduces the logged losses and saves / loads checkpoints.
+
+:func:`~echomoe.train.loop.make_strategy` picks one (``train()`` calls it; users never
+need to):
 
 =================== =========================================================================
-:class:`Local`      one process (the default): exactly the single-process loop
+:class:`Local`      one process (the default): the plain single-process step
 :class:`DDP`        ``torchrun`` without DeepSpeed: ``DistributedDataParallel`` for the shared
                     parameters, optional expert parallelism for the experts
-:class:`~echomoe.distributed.zero.DeepSpeed`
+:class:`~echomoe.train.deepspeed.DeepSpeed`
                     a DeepSpeed JSON (``deepspeed=``): ZeRO-1/2/3, bf16 (one or more processes)
 =================== =========================================================================
 
@@ -20,13 +29,6 @@ their gradient (already summed over the expert-parallel group by the all-to-all 
 divided by the world size and all-reduced only across ranks holding the same experts.  The
 clipping norm adds the expert shards' squared norms over the expert-parallel group, so it is
 the norm of the whole model's gradient.
-
-**Precision.**  ``precision="bf16"`` runs each training forward (and the loss inside it) under
-``torch.autocast(device_type, dtype=torch.bfloat16)``; the weights, gradients and optimiser
-state stay fp32 and backward runs outside autocast.  ``"auto"`` is bf16 on CUDA and fp32
-elsewhere (:func:`resolve_precision`).  Under DeepSpeed the config's ``bf16`` section sets the
-precision instead (DeepSpeed keeps bf16 weights with fp32 master copies); see
-:class:`~echomoe.distributed.zero.DeepSpeed` for how the two are reconciled.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ import inspect
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,84 +57,52 @@ from echomoe.distributed.expert_parallel import (
 from echomoe.distributed.runtime import (
     barrier,
     broadcast_object,
-    init_distributed,
     is_distributed,
     world_info,
 )
-
-if TYPE_CHECKING:
-    from echomoe.train.optim import Stage
-
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
-"""Values of ``train(precision=...)`` (see :func:`resolve_precision`)."""
-
-
-def check_precision(precision: str) -> str:
-    """``precision`` when it is one of :data:`PRECISIONS`, else a ``ValueError`` naming it."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``"fp32"`` or ``"bf16"``: ``"auto"`` is bf16 on a CUDA ``device`` and fp32 elsewhere
-    (bf16 autocast is slower than fp32 on CPU); the others pass through."""
-    check_precision(precision)
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(precision: str, device: torch.device | str):
-    """The context of a training forward: ``torch.autocast(device.type, torch.bfloat16)`` for
-    ``"bf16"``, a no-op for ``"fp32"`` (``precision`` already resolved)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _field(out: Any, name: str) -> Any:
-    return out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
+from echomoe.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    load_checkpoint,
+    load_training_state,
+    read_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    swap_in_dir,
+)
+from echomoe.train.optim import clip_gradients
+from echomoe.train.precision import resolve_precision
 
 
 class Local:
-    """One process: AdamW (:func:`~echomoe.train.optim.build_optimizer`), warmup + decay
-    schedule (:func:`~echomoe.train.optim.build_scheduler`), ``clip_grad_norm_``, optional
-    bf16 autocast; checkpoints via :mod:`echomoe.train.checkpoint`.
-
-    ``precision`` (``"fp32"`` / ``"bf16"``, resolved by :meth:`setup`) is the precision of the
-    training forward.
-    """
+    """One process: the model as it is, ``clip_grad_norm_``, checkpoints via
+    :mod:`echomoe.train.checkpoint`."""
 
     name = "local"
     distributed = False
+    optimizer_options: Mapping[str, Any] = {}
+    """Extra arguments of :func:`~echomoe.train.optim.build_optimizer` this strategy needs."""
 
     def __init__(self) -> None:
         self.world = world_info()
         self.model: nn.Module | None = None
         self.optimizer = self.scheduler = None
-        self.precision = "fp32"
-        self.device = torch.device("cpu")
 
     # -- set-up -------------------------------------------------------------------------
-    def setup(self, model: nn.Module, *, lr: float, weight_decay: float, expert_lr_scale: float,
-              warmup: int, steps: int, min_lr_ratio: float, grad_accum: int,
-              clip: float | None, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-              schedule: str = "cosine", precision: str = "auto",
-              stages: Sequence[Stage] | None = None) -> None:
-        """Build the optimiser (AdamW with ``betas`` / ``eps``) and the ``schedule`` for
-        ``model`` (times each stage's ``lr_scale`` when ``stages`` are given) and resolve
-        ``precision`` on the model's device (see :func:`~echomoe.train.loop.train` for the
-        arguments)."""
-        from echomoe.train.optim import build_optimizer, build_scheduler
+    def prepare(self, model: nn.Module, *, precision: str, grad_accum: int,
+                clip: float | None, staged: bool = False) -> str:
+        """Get ``model`` ready before its optimiser is built (e.g. shard its experts) and
+        return the precision of the training forward's autocast (``"fp32"`` / ``"bf16"``,
+        ``precision`` resolved on the model's device)."""
+        return resolve_precision(precision, next(model.parameters()).device)
 
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.precision = resolve_precision(precision, self.device)
-        self.optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas,
-                                         eps=eps, expert_lr_scale=expert_lr_scale)
-        self.scheduler = build_scheduler(self.optimizer, schedule=schedule, warmup=warmup,
-                                         total=steps, min_ratio=min_lr_ratio, stages=stages)
+    def wrap(self, model: nn.Module, optimizer, scheduler) -> tuple[nn.Module, Any, Any]:
+        """``(model to call in training, optimizer, scheduler)``: here the three unchanged."""
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        return model, optimizer, scheduler
 
     @property
     def module(self) -> nn.Module:
@@ -143,45 +113,28 @@ class Local:
         """This rank's view of the batch source."""
         return source
 
-    def on_stage_change(self) -> None:
-        """Called after the trainable parameters changed."""
+    def on_stage_change(self) -> nn.Module:
+        """Called after the trainable parameters changed; returns the model to call."""
+        return self.model
 
     # -- a step -------------------------------------------------------------------------
-    def zero_grad(self) -> None:
-        """Drop the gradients before a step's first micro-batch."""
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def forward(self, batch: dict, *, last: bool):
-        """``model(**batch)`` under the training precision (``last``: the step's last
-        micro-batch).  ``batch`` holds the collated tensors (``input_ids [B, L]``,
-        ``pixel_values [B, C, H, W]``, targets, ...); returns the model output with ``loss``
-        (0-d) and ``losses`` (name -> 0-d)."""
-        with autocast(self.precision, self.device):
-            return self.model(**batch)
+    def no_sync(self, last: bool):
+        """The context of one micro-batch's forward + backward (``last``: the step's last)."""
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, *, grad_accum: int, last: bool) -> None:
         """Accumulate the gradient of ``loss / grad_accum`` (``loss`` 0-d, outside autocast)."""
         (loss / grad_accum).backward()
 
-    def clip(self, params: list[nn.Parameter], max_norm: float | None) -> float | None:
-        """Clip and return the norm before clipping (``None``: known only after :meth:`step`)."""
-        from echomoe.train.optim import clip_gradients
-
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float | None) -> float | None:
+        """Clip and return the norm before clipping (``None``: known only after the optimiser
+        step, see :meth:`grad_norm`)."""
         return clip_gradients(params, max_norm)
 
-    def lr(self) -> float:
-        """The learning rate of the first parameter group for the coming step."""
-        return self.optimizer.param_groups[0]["lr"]
-
-    def step(self) -> None:
-        """One optimiser step, then one scheduler step."""
-        self.optimizer.step()
-        self.scheduler.step()
-
     def grad_norm(self) -> float:
-        """The gradient norm of the last step when :meth:`clip` could not give it (not the
-        case here: raises)."""
-        raise RuntimeError("the local strategy reports the norm from clip()")
+        """The gradient norm of the last step when :meth:`clip_grad_norm` could not give it
+        (never the case here: raises)."""
+        raise RuntimeError("the local strategy reports the norm from clip_grad_norm()")
 
     def reduce_record(self, total: float, sums: dict, counts: dict) -> tuple[float, dict]:
         """``(loss, {name: mean})`` over the step's micro-batches (of all ranks)."""
@@ -197,8 +150,6 @@ class Local:
         """Write a checkpoint at ``path`` (model, and unless ``weights_only`` optimiser,
         scheduler and RNG state; ``data_state`` and ``extra`` go to ``meta.json``); returns
         ``path``."""
-        from echomoe.train.checkpoint import save_checkpoint
-
         if weights_only:
             return save_checkpoint(path, self.model, step=step, data_state=data_state,
                                    extra=extra)
@@ -208,8 +159,6 @@ class Local:
     def load(self, path: Path) -> dict:
         """Restore the checkpoint at ``path`` into the model, optimiser and scheduler; returns
         ``{"step", "data_state", "extra", "path"}``."""
-        from echomoe.train.checkpoint import load_checkpoint, read_meta
-
         saved_world = read_meta(path).get("world_size", 1)
         if saved_world != 1:
             raise ValueError(f"{path} was written by {saved_world} processes; resume it with "
@@ -249,22 +198,16 @@ class DistributedBase(Local):
         return bool(t.item())
 
     def _state_file(self, path: Path) -> Path:
-        from echomoe.train.checkpoint import STATE_FILE
-
         r = self.world.rank
         return path / (STATE_FILE if r == 0 else STATE_FILE.replace(".pt", f"_rank{r}.pt"))
 
     def _write_training_state(self, tmp: Path) -> None:
-        from echomoe.train.checkpoint import rng_state
-
         torch.save({"optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "rng": rng_state()},
                    self._state_file(tmp))
 
     def _read_training_state(self, path: Path) -> None:
-        from echomoe.train.checkpoint import _load_state, set_rng_state
-
-        state = _load_state(self._state_file(path), "cpu", False)
+        state = load_training_state(self._state_file(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -277,8 +220,6 @@ class DistributedBase(Local):
         """Collective checkpoint at ``path``: rank 0 writes the consolidated
         ``model.safetensors`` and ``meta.json``, each rank its training state (unless
         ``weights_only``); every rank must call it.  Returns ``path``."""
-        from echomoe.train.checkpoint import CHECKPOINT_FORMAT, META_FILE, MODEL_FILE, swap_in_dir
-
         path = Path(path)
         token = broadcast_object(f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp = path.parent / f".{path.name}.tmp-{token}"
@@ -303,8 +244,6 @@ class DistributedBase(Local):
     def load(self, path: Path) -> dict:
         """Restore a checkpoint written by the same number of processes (every rank calls it);
         returns ``{"step", "data_state", "extra", "path"}``."""
-        from echomoe.train.checkpoint import MODEL_FILE, read_meta
-
         meta = read_meta(path)
         saved_world = meta.get("world_size", 1)
         if saved_world != self.world.world_size:
@@ -345,8 +284,13 @@ class DDP(DistributedBase):
         self.ep_size = ep_size
         self.find_unused_parameters = find_unused_parameters
         self.ddp = None
+        self.expert_params: list[nn.Parameter] = []
+        self.groups = None
 
-    def setup(self, model: nn.Module, **kwargs) -> None:
+    def prepare(self, model: nn.Module, *, precision: str, grad_accum: int,
+                clip: float | None, staged: bool = False) -> str:
+        """Shard the experts over the expert-parallel group (see the class docstring) before
+        the optimiser is built; returns the autocast precision."""
         marked = has_expert_parallel_backend(model)
         if self.ep_size is not None and self.ep_size > 1:
             shard_experts(model, self.ep_size, only_marked=False)
@@ -355,10 +299,14 @@ class DDP(DistributedBase):
         self.expert_params = list(expert_parallel_params(model).values())
         layers = list(expert_parallel_layers(model).values())
         self.groups = layers[0].groups if layers else None
-        super().setup(model, **kwargs)
-        self._wrap()
+        return super().prepare(model, precision=precision, grad_accum=grad_accum, clip=clip)
 
-    def _wrap(self) -> None:
+    def wrap(self, model: nn.Module, optimizer, scheduler) -> tuple[nn.Module, Any, Any]:
+        """``(DistributedDataParallel(model), optimizer, scheduler)``."""
+        super().wrap(model, optimizer, scheduler)
+        return self._wrap(), optimizer, scheduler
+
+    def _wrap(self) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         names = list(expert_parallel_params(self.model))
@@ -373,31 +321,21 @@ class DDP(DistributedBase):
         self.ddp = DistributedDataParallel(
             self.model, device_ids=device_ids,
             find_unused_parameters=self.find_unused_parameters, **no_sync)
+        return self.ddp
 
-    def on_stage_change(self) -> None:
-        self._wrap()  # DDP registers its hooks for the parameters trainable at construction
+    def on_stage_change(self) -> nn.Module:
+        return self._wrap()  # DDP registers its hooks for the parameters trainable at wrapping
 
-    def forward(self, batch: dict, *, last: bool):
-        """The DDP-wrapped forward under the training precision; gradients of micro-batches
-        before the ``last`` one are not all-reduced (``no_sync``, closed by :meth:`backward`).
-        """
-        self._sync = contextlib.nullcontext() if last else self.ddp.no_sync()
-        self._sync.__enter__()
-        try:
-            with autocast(self.precision, self.device):
-                return self.ddp(**batch)
-        except BaseException:
-            self._sync.__exit__(None, None, None)
-            raise
+    def no_sync(self, last: bool):
+        """DDP's ``no_sync()`` before the ``last`` micro-batch: its gradients are all-reduced
+        only once, in the last backward."""
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
 
     def backward(self, loss: torch.Tensor, *, grad_accum: int, last: bool) -> None:
         """Backward of ``loss / grad_accum`` (0-d); on the ``last`` micro-batch the expert-
         parallel gradients are divided by the world size and all-reduced over the ranks that
         hold the same experts."""
-        try:
-            (loss / grad_accum).backward()
-        finally:
-            self._sync.__exit__(None, None, None)
+        (loss / grad_accum).backward()
         if last and self.expert_params:
             world = self.world.world_size
             for p in self.expert_params:
@@ -407,9 +345,11 @@ class DDP(DistributedBase):
                 if self.groups.expert_dp_size > 1:
                     dist.all_reduce(p.grad, group=self.groups.expert_dp_group)
 
-    def clip(self, params: list[nn.Parameter], max_norm: float | None) -> float | None:
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float | None) -> float | None:
+        """The norm of the whole model's gradient (expert shards summed over the expert-
+        parallel group), clipped to ``max_norm``."""
         if not self.expert_params:
-            return super().clip(params, max_norm)
+            return super().clip_grad_norm(params, max_norm)
         expert_ids = {id(p) for p in self.expert_params}
         grads = [p.grad for p in params if p.grad is not None]
         dense = [p.grad for p in params if p.grad is not None and id(p) not in expert_ids]
@@ -427,24 +367,3 @@ class DDP(DistributedBase):
                 for g in grads:
                     g.mul_(coef)
         return norm
-
-
-def make_strategy(*, deepspeed=None, ep_size: int | None = None,
-                  micro_batch_size: int | None = None) -> Local:
-    """The strategy for this process: :class:`~echomoe.distributed.zero.DeepSpeed` when
-    ``deepspeed`` is given, :class:`DDP` under ``torchrun`` with more than one process, else
-    :class:`Local`."""
-    if deepspeed is not None:
-        if ep_size not in (None, 1):
-            raise ValueError("ep_size > 1 is not combined with DeepSpeed; use torchrun without "
-                             "deepspeed= for expert parallelism")
-        from echomoe.distributed.zero import DeepSpeed
-
-        return DeepSpeed(deepspeed, micro_batch_size=micro_batch_size)
-    init_distributed()
-    if is_distributed():
-        return DDP(ep_size)
-    if ep_size not in (None, 1):
-        raise ValueError(f"ep_size={ep_size} needs {ep_size} processes: launch with "
-                         f"`torchrun --nproc_per_node {ep_size}`")
-    return Local()
