@@ -146,7 +146,7 @@ def test_train_loads_the_config_with_overrides_and_runs_it(monkeypatch, tmp_path
 
     monkeypatch.setattr(experiment, "run_experiment", fake_run)
     code = main(["train", str(REPO / "configs/experiments/multitask.yaml"), "train.steps=7",
-                 "train.warmup_steps=2", "model.variant=dense", f"output_dir={tmp_path}",
+                 "train.warmup=2", "model.variant=dense", f"output_dir={tmp_path}",
                  "--no-progress"])
     assert code == 0
     cfg = seen["cfg"]

@@ -162,7 +162,7 @@ def test_save_and_reload_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("text, section, valid", [
-    ("train: {lrr: 0.1}\n", "train", ["steps", "lr", "warmup_steps", "stages"]),
+    ("train: {lrr: 0.1}\n", "train", ["steps", "lr", "warmup", "stages"]),
     ("trian: {lr: 0.1}\n", "the top level", ["model", "data", "tasks", "train", "deepspeed"]),
     ("model: {overrides: {image_sise: 64}}\n", "model.overrides", ["image_size", "moe_config"]),
     ("data: {synthetic: {noize: 0.5}}\n", "data.synthetic", ["noise", "image_size"]),
@@ -196,10 +196,10 @@ def test_unknown_or_malformed_override(override, pattern):
 
 
 @pytest.mark.parametrize("overrides, pattern", [
-    (["model.variant=moe_magic"], r"model\.variant unknown variant 'moe_magic'; valid: dense"),
-    (["model.preset=huge"], r"model\.preset unknown preset 'huge'; valid: tiny, small"),
-    (["train.lr=-0.001"], r"train\.lr must be > 0, got -0\.001"),
-    (["train.lr=0"], r"train\.lr must be > 0"),
+    (["model.variant=moe_magic"], r"model\.variant must be one of dense, .*got 'moe_magic'"),
+    (["model.preset=huge"], r"model\.preset must be one of tiny, small, got 'huge'"),
+    (["train.lr=-0.001"], r"train\.lr must be a finite number > 0, got -0\.001"),
+    (["train.lr=0"], r"train\.lr must be a finite number > 0"),
     (["data.source=disk", "data.path=/nonexistent/synth"],
      r"data\.path dataset '/nonexistent/synth' does not exist"),
     (["data.source=disk"], r"data\.path is required"),
@@ -211,9 +211,9 @@ def test_unknown_or_malformed_override(override, pattern):
     (["train.steps=1.5"], r"train\.steps must be int"),
     (["train.resume=3"], r"train\.resume must be bool"),
     (["train.group_by_length=often"], r"train\.group_by_length must be bool"),
-    (["train.schedule=step"], r"train\.schedule is 'step'; valid: cosine"),
-    (["logging.mode=cloud"], r"logging\.mode is 'cloud'; valid: online, offline, disabled"),
-    (["train.warmup_steps=500"], r"train\.warmup_steps \(500\) exceeds train\.steps"),
+    (["train.schedule=step"], r"train\.schedule must be one of cosine, linear, .*got 'step'"),
+    (["logging.mode=cloud"], r"logging\.mode must be one of online, offline, .*got 'cloud'"),
+    (["train.warmup=500"], r"train\.warmup \(500\) exceeds train\.steps"),
     (["data.synthetic.noise=2.0"], r"data\.synthetic is invalid: noise must be in \[0, 1\]"),
     (["deepspeed=nope.json"], r"deepspeed file 'nope\.json' does not exist"),
     (["model.overrides.moe_config.top_k=2"], r"model is invalid: variant 'dense' has no moe"),
@@ -231,7 +231,7 @@ def test_bad_values_give_specific_errors(overrides, pattern):
 
 def test_bad_value_in_file_names_file_and_field(tmp_path):
     path = write(tmp_path / "neg.yaml", f"base: {BASE}\ntrain: {{lr: -1.0e-4}}\n")
-    with pytest.raises(ConfigError, match=r"neg\.yaml: train\.lr must be > 0"):
+    with pytest.raises(ConfigError, match=r"neg\.yaml: train\.lr must be a finite number > 0"):
         load_config(path)
 
 
@@ -325,7 +325,7 @@ def test_sweep_validation(tmp_path):
     top = write(tmp_path / "s4.yaml", head + "grids: {}\n")
     with pytest.raises(ConfigError, match=r"unknown key 'grids' in sweep; valid keys: name"):
         read_sweep(top)
-    ok = write(tmp_path / "s5.yaml", head + "overrides: {train.steps: 20, train.warmup_steps: 2}"
+    ok = write(tmp_path / "s5.yaml", head + "overrides: {train.steps: 20, train.warmup: 2}"
                "\ngrid:\n  train.lr: [0.001, 0.01]\n  data.synthetic.noise: [0.5]\n")
     runs = load_sweep(ok)
     assert [n for n, _ in runs] == ["lr0.001-noise0.5", "lr0.01-noise0.5"]
@@ -344,4 +344,4 @@ def test_cli(capsys):
     assert main([str(BASE), "train.lr=0.5"]) == 0
     assert "lr: 0.5" in capsys.readouterr().out
     assert main([str(BASE), "train.lr=-1"]) == 1
-    assert "train.lr must be > 0" in capsys.readouterr().err
+    assert "train.lr must be a finite number > 0" in capsys.readouterr().err

@@ -53,7 +53,7 @@ from echomoe.config.schema import (
     LoggingSection,
     LoraSection,
     ModelSection,
-    StageConfig,
+    Stage,
     TaskRates,
     TrainSection,
 )
@@ -61,7 +61,7 @@ from echomoe.config.sweep import Sweep, format_value, load_sweep, read_sweep
 
 __all__ = [
     "ConfigError", "ExperimentConfig", "ModelSection", "DataSection", "TaskRates",
-    "StageConfig", "LoraSection", "TrainSection", "EvalSection", "LoggingSection", "Sweep",
+    "Stage", "LoraSection", "TrainSection", "EvalSection", "LoggingSection", "Sweep",
     "CHOICES", "DEEPSPEED_REQUIRED_KEYS", "load_config", "validate", "config_to_dict",
     "save_config", "deepspeed_config", "format_value", "load_sweep", "read_sweep", "main",
 ]

@@ -7,26 +7,27 @@ import copy
 import dataclasses
 import inspect
 import json
-import math
 import os
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from echomoe.config import rules
 from echomoe.config.schema import (
     CHOICES,
+    RENAMED,
     TRAIN_SPLIT_TOKENIZER,
     ConfigError,
     ExperimentConfig,
-    TrainSection,
 )
 from echomoe.data.synthetic.generate import SyntheticConfig
-from echomoe.data.tasks import TASKS
+from echomoe.data.tasks import TASKS, check_rates
 
 
 # ----------------------------------------------------------------------------- key checks
@@ -89,6 +90,27 @@ def _check_value_keys(value: Any, tp, where: str, path: str) -> None:
                 raise _unknown(where, str(key), path, valid)
 
 
+def _renamed(data: Any, where: str, warn: bool = True) -> Any:
+    """``data`` (a plain dict of sections) with the old field names of :data:`RENAMED` moved
+    to their new names, in place (a ``FutureWarning`` says so)."""
+    if not isinstance(data, dict):
+        return data
+    for old, new in RENAMED.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        values = data.get(section)
+        if not (isinstance(values, dict) and old_key in values):
+            continue
+        if new_key in values:
+            raise ConfigError(f"{where}: {old} and {new} are both set ({old} is the old name "
+                              f"of {new}); keep {new}")
+        if warn:
+            warnings.warn(f"{where}: {old} is now called {new}; the old name still loads",
+                          FutureWarning, stacklevel=4)
+        values[new_key] = values.pop(old_key)
+    return data
+
+
 def _check_dotted_key(key: str, where: str, value: Any = None) -> None:
     """Raise unless ``key`` (``"train.lr"``, ``"model.overrides.moe_config.top_k"``) exists
     (and, when ``value`` is a mapping, its keys too)."""
@@ -97,7 +119,7 @@ def _check_dotted_key(key: str, where: str, value: Any = None) -> None:
                           "train.lr)")
     for part in reversed(key.split(".")):
         value = {part: value}
-    _check_keys(value, ExperimentConfig, where)
+    _check_keys(_renamed(value, where, warn=False), ExperimentConfig, where)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -162,7 +184,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     bases = data.pop("base", None)
-    _check_keys(data, ExperimentConfig, str(path))
+    _check_keys(_renamed(data, str(path)), ExperimentConfig, str(path))
     if isinstance(data.get("deepspeed"), str) and not os.path.isabs(data["deepspeed"]):
         data["deepspeed"] = os.path.normpath(os.path.join(path.parent, data["deepspeed"]))
     if bases is None:
@@ -194,8 +216,17 @@ def _coerce(value: Any, tp, where: str, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {path} must be a mapping, got {value!r}")
         hints = _hints(tp)
-        return tp(**{k: _coerce(v, hints[k], where, f"{path}.{k}" if path else k)
-                     for k, v in value.items()})
+        fields = {k: _coerce(v, hints[k], where, f"{path}.{k}" if path else k)
+                  for k, v in value.items()}
+        try:
+            return tp(**fields)
+        except ValueError as err:  # a rule of the dataclass itself (e.g. Stage)
+            raise ConfigError(f"{where}: {path}: {err}") from err
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: {path} must be a list, got {value!r}")
+        (item, _) = typing.get_args(tp)  # tuple[X, ...]
+        return tuple(_coerce(v, item, where, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {path} must be a list, got {value!r}")
@@ -226,6 +257,7 @@ def _parse_overrides(overrides, where: str = "command line") -> dict[str, Any]:
         data = OmegaConf.to_container(OmegaConf.from_dotlist(items), resolve=False)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{where}: cannot parse overrides {items}: {err}") from err
+    data = _renamed(data, where)
     _check_keys(data, ExperimentConfig, where)  # keys inside mapping values, e.g. tasks={...}
     return data
 
@@ -262,34 +294,32 @@ def _fail(where: str, field_name: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {field_name} {message}")
 
 
-def _positive(where: str, name: str, value, strict: bool = True) -> None:
-    ok = value is not None and math.isfinite(value) and (value > 0 if strict else value >= 0)
-    if not ok:
-        raise _fail(where, name, f"must be {'> 0' if strict else '>= 0'}, got {value!r}")
+def _rule(where: str, check, value, name: str, *args) -> None:
+    """``check(value, name, *args)`` (a :mod:`echomoe.config.rules` rule) with its
+    ``ValueError`` as a :class:`ConfigError` naming ``where``."""
+    try:
+        check(value, name, *args)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from err
 
 
 def validate(config: ExperimentConfig, where: str = "config") -> None:
-    """Check every value of ``config`` (types are checked by :func:`load_config`)."""
+    """Check every value of ``config`` (types are checked by :func:`load_config`) with the
+    rules of :mod:`echomoe.config.rules`, the ones the training functions apply too."""
     from echomoe.models.builders import PRESETS, VARIANTS
 
     for dotted, valid in CHOICES.items():
         section, name = dotted.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in valid:
-            raise _fail(where, dotted, f"is {value!r}; valid: {', '.join(valid)}")
+        _rule(where, rules.check_choice, getattr(getattr(config, section), name), dotted, valid)
     if not config.name or "/" in config.name:
         raise _fail(where, "name", f"must be a non-empty name without '/', got {config.name!r}")
     # model
     m = config.model
-    if m.preset not in PRESETS:
-        raise _fail(where, "model.preset", f"unknown preset {m.preset!r}; valid: "
-                    f"{', '.join(PRESETS)}")
-    if m.variant not in VARIANTS:
-        raise _fail(where, "model.variant", f"unknown variant {m.variant!r}; valid: "
-                    f"{', '.join(VARIANTS)}")
+    _rule(where, rules.check_choice, m.preset, "model.preset", tuple(PRESETS))
+    _rule(where, rules.check_choice, m.variant, "model.variant", tuple(VARIANTS))
     if m.tokenizer not in (None, TRAIN_SPLIT_TOKENIZER) and not Path(m.tokenizer).is_dir():
         raise _fail(where, "model.tokenizer", f"directory {m.tokenizer!r} does not exist")
-    _positive(where, "model.corpus_samples", m.corpus_samples)
+    _rule(where, rules.check_int, m.corpus_samples, "model.corpus_samples", 1)
     if m.backbone is not None and m.tokenizer is not None:
         raise _fail(where, "model.tokenizer", f"is {m.tokenizer!r}, but model.backbone brings "
                     "its own tokenizer: leave it null")
@@ -299,7 +329,34 @@ def validate(config: ExperimentConfig, where: str = "config") -> None:
             m.build_config()
         except (ValueError, TypeError, FileNotFoundError) as err:
             raise _fail(where, "model", f"is invalid: {err}") from err
-    # data
+    _validate_data(config, where)
+    # tasks
+    try:
+        check_rates(config.tasks.rates(), name="tasks")
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from err
+    _validate_train(config, where)
+    # eval
+    e = config.eval
+    bad = [task for task in e.tasks if task not in TASKS]
+    if bad or not e.tasks:
+        raise _fail(where, "eval.tasks", f"has unknown or no tasks {bad}; valid: "
+                    f"{', '.join(TASKS)}")
+    _rule(where, rules.check_int, e.batch_size, "eval.batch_size", 1)
+    _rule(where, rules.check_int, e.max_new_tokens, "eval.max_new_tokens", 1)
+    if e.num_samples is not None:
+        _rule(where, rules.check_int, e.num_samples, "eval.num_samples", 1)
+    _rule(where, rules.check_int, config.logging.log_every, "logging.log_every", 1)
+    _rule(where, rules.check_int, config.logging.num_predictions, "logging.num_predictions", 0)
+    # deepspeed
+    if config.deepspeed is not None:
+        try:
+            _read_deepspeed(config.deepspeed)
+        except ValueError as err:
+            raise _fail(where, "deepspeed", str(err)) from err
+
+
+def _validate_data(config: ExperimentConfig, where: str) -> None:
     d = config.data
     if d.source == "disk":
         if not d.path:
@@ -321,76 +378,32 @@ def validate(config: ExperimentConfig, where: str = "config") -> None:
             d.synthetic_config()
         except (ValueError, TypeError) as err:
             raise _fail(where, "data.synthetic", f"is invalid: {err}") from err
-    _positive(where, "data.num_proc", d.num_proc)
-    _positive(where, "data.num_workers", d.num_workers, strict=False)
+    _rule(where, rules.check_int, d.num_proc, "data.num_proc", 1)
+    _rule(where, rules.check_int, d.num_workers, "data.num_workers", 0)
     if d.max_length is not None:
-        _positive(where, "data.max_length", d.max_length)
-    # tasks
-    for task, rate in config.tasks.rates().items():
-        if not math.isfinite(rate) or rate < 0:
-            raise _fail(where, f"tasks.{task}", f"rate must be a finite number >= 0, got {rate}")
-    if not config.tasks.active():
-        raise _fail(where, "tasks", "need at least one task with a positive rate")
-    # train
+        _rule(where, rules.check_int, d.max_length, "data.max_length", 1)
+
+
+def _validate_train(config: ExperimentConfig, where: str) -> None:
+    """The ``train`` section: each field with the rule of the ``train()`` argument it feeds."""
     t = config.train
-    for name in ("steps", "lr", "batch_size", "grad_accum", "eps", "keep_checkpoints"):
-        _positive(where, f"train.{name}", getattr(t, name))
-    for name in ("warmup_steps", "weight_decay", "eval_every", "checkpoint_every", "seed"):
-        _positive(where, f"train.{name}", getattr(t, name), strict=False)
-    if t.warmup_steps > t.steps:
-        raise _fail(where, "train.warmup_steps", f"({t.warmup_steps}) exceeds train.steps "
-                    f"({t.steps})")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        raise _fail(where, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("keep_last", 1),
+                      ("eval_every", 0), ("checkpoint_every", 0), ("seed", 0)):
+        _rule(where, rules.check_int, getattr(t, name), f"train.{name}", low)
+    _rule(where, rules.check_positive, t.lr, "train.lr")
+    _rule(where, rules.check_positive, t.eps, "train.eps")
+    _rule(where, rules.check_non_negative, t.weight_decay, "train.weight_decay")
+    _rule(where, rules.check_warmup, t.warmup, "train.warmup", t.steps, "train.steps")
+    _rule(where, rules.check_fraction, t.min_lr_ratio, "train.min_lr_ratio")
     if t.clip is not None:
-        _positive(where, "train.clip", t.clip)
-    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
-        raise _fail(where, "train.betas", f"must be two numbers in [0, 1), got {t.betas}")
-    _validate_stages(t, where)
+        _rule(where, rules.check_positive, t.clip, "train.clip")
+    _rule(where, rules.check_betas, t.betas, "train.betas")
+    _rule(where, rules.check_stage_plan, [s.steps for s in t.stages], "train.stages", t.steps,
+          "train.steps")
     lora = t.lora
     for name in ("r", "alpha"):
-        _positive(where, f"train.lora.{name}", getattr(lora, name))
-    if not 0.0 <= lora.dropout < 1.0:
-        raise _fail(where, "train.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
-    # eval
-    e = config.eval
-    bad = [task for task in e.tasks if task not in TASKS]
-    if bad or not e.tasks:
-        raise _fail(where, "eval.tasks", f"has unknown or no tasks {bad}; valid: "
-                    f"{', '.join(TASKS)}")
-    _positive(where, "eval.batch_size", e.batch_size)
-    _positive(where, "eval.max_new_tokens", e.max_new_tokens)
-    if e.num_samples is not None:
-        _positive(where, "eval.num_samples", e.num_samples)
-    _positive(where, "logging.log_every", config.logging.log_every)
-    _positive(where, "logging.num_predictions", config.logging.num_predictions, strict=False)
-    # deepspeed
-    if config.deepspeed is not None:
-        try:
-            _read_deepspeed(config.deepspeed)
-        except ValueError as err:
-            raise _fail(where, "deepspeed", str(err)) from err
-
-
-def _validate_stages(t: TrainSection, where: str) -> None:
-    if not t.stages:
-        return
-    for i, stage in enumerate(t.stages):
-        name = f"train.stages[{i}]"
-        if stage.steps is None and i != len(t.stages) - 1:
-            raise _fail(where, f"{name}.steps", "may be null only in the last stage")
-        if stage.steps is not None:
-            _positive(where, f"{name}.steps", stage.steps)
-        _positive(where, f"{name}.lr_scale", stage.lr_scale)
-        if not stage.trainable:
-            raise _fail(where, f"{name}.trainable", "needs at least one pattern")
-    fixed = sum(s.steps or 0 for s in t.stages)
-    if t.stages[-1].steps is None:
-        if fixed >= t.steps:
-            raise _fail(where, "train.stages", f"leave no steps for the last stage ({fixed} >= "
-                        f"train.steps {t.steps})")
-    elif fixed != t.steps:
-        raise _fail(where, "train.stages", f"steps sum to {fixed}, but train.steps is {t.steps}")
+        _rule(where, rules.check_int, getattr(lora, name), f"train.lora.{name}", 1)
+    _rule(where, rules.check_fraction, lora.dropout, "train.lora.dropout", False)
 
 
 def _read_deepspeed(path: str) -> dict[str, Any]:
@@ -434,8 +447,16 @@ def deepspeed_config(config: ExperimentConfig) -> dict[str, Any] | None:
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """Plain nested dict of ``config`` (JSON / YAML serialisable; loads back identically)."""
-    return dataclasses.asdict(config)
+    """Plain nested dict of ``config`` (JSON / YAML serialisable: tuples become lists; loads
+    back identically)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
 
 
 def save_config(config: ExperimentConfig, path: str | os.PathLike) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from echomoe.config.rules import MODES, PRECISIONS, SCHEDULES, check_stage
 from echomoe.data.synthetic.generate import SyntheticConfig
 from echomoe.data.tasks import TASKS
 
@@ -130,24 +131,31 @@ class TaskRates:
         return [t for t, r in self.rates().items() if r > 0]
 
 
-@dataclass
-class StageConfig:
-    """One training stage (EchoVLM style: projector -> MoE + heads -> all).
+@dataclass(frozen=True)
+class Stage:
+    """One training stage (EchoVLM style: projector -> MoE + heads -> all): ``steps``
+    optimiser steps during which only the parameters matching ``trainable`` train, at
+    ``lr_scale`` times the scheduled learning rate.  The same object is a YAML entry of
+    ``train.stages`` and an argument of :func:`echomoe.train.train` (``stages=``).
 
     Attributes:
         name: stage label (logged).
-        steps: optimizer steps of the stage; ``None`` (last stage only): the remaining steps.
-        trainable: ``fnmatch`` patterns over ``named_parameters()`` names that train in this
-            stage (e.g. ``"projector.*"``, ``"*.mlp.*"``); everything else is frozen.
+        steps: optimiser steps of the stage; ``None`` (the last stage): until the end.
+        trainable: :mod:`fnmatch` patterns over ``named_parameters()`` names that train in
+            this stage (e.g. ``"projector.*"``, ``"*.mlp.*"``); everything else is frozen.
         lr_scale: multiplier (> 0) on the learning rate during the stage: every parameter
-            group trains at ``train.lr * schedule(step) * lr_scale`` (times the group's own
-            scale); the warmup / decay schedule runs over all ``train.steps``, not per stage.
+            group trains at ``lr * schedule(step) * lr_scale`` (times the group's own scale;
+            see :class:`~echomoe.train.optim.StagedSchedule`); the warmup / decay schedule
+            runs over all the steps, not per stage.
     """
 
     name: str = "stage"
     steps: int | None = None
-    trainable: list[str] = field(default_factory=lambda: ["*"])
+    trainable: tuple[str, ...] = ("*",)
     lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_stage(self.name, self.steps, self.trainable, self.lr_scale)
 
 
 @dataclass
@@ -170,11 +178,13 @@ class LoraSection:
 class TrainSection:
     """Optimisation (AdamW, warmup + schedule), checkpoints and stages.
 
+    Every field that :func:`echomoe.train.train` takes has its argument's name.
     ``steps`` counts optimizer steps (each of ``grad_accum`` micro-batches of ``batch_size``);
-    ``schedule``: ``cosine`` / ``linear`` decay to ``min_lr_ratio * lr`` after
-    ``warmup_steps`` of linear warmup, or ``constant``.  ``clip``: max gradient norm (``None``:
-    off).  ``eval_every`` / ``checkpoint_every``: in steps (0: only at the end); the best
-    checkpoint is chosen by ``best_metric`` (``best_mode`` ``min`` / ``max``).
+    ``schedule``: ``cosine`` / ``linear`` decay to ``min_lr_ratio * lr`` after ``warmup``
+    steps of linear warmup, or ``constant``.  ``clip``: max gradient norm (``None``: off).
+    ``eval_every`` / ``checkpoint_every``: in steps (0: only at the end); the best checkpoint
+    is chosen by ``metric`` (``mode`` ``min`` / ``max``); ``keep_last`` ``step_*``
+    checkpoints are kept.
     ``group_by_length``: batch training samples of similar sequence length together (far
     less padding; see :class:`~echomoe.train.MultiTaskBatches`).  ``precision``
     ``auto`` = fp32 on CPU, bf16 on GPU.  ``stages`` empty = train everything for ``steps``;
@@ -186,7 +196,7 @@ class TrainSection:
     steps: int = 1000
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    warmup: int = 50
     schedule: str = "cosine"
     batch_size: int = 8
     grad_accum: int = 1
@@ -197,14 +207,14 @@ class TrainSection:
     eps: float = 1e-8
     eval_every: int = 100
     checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    best_metric: str = "eval/loss"
-    best_mode: str = "min"
+    keep_last: int = 2
+    metric: str = "eval/loss"
+    mode: str = "min"
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
     resume: bool = True
-    stages: list[StageConfig] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
     lora: LoraSection = field(default_factory=LoraSection)
 
 
@@ -263,15 +273,23 @@ class ExperimentConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "disk"),
-    "train.schedule": ("cosine", "linear", "constant"),
-    "train.best_mode": ("min", "max"),
+    "train.schedule": SCHEDULES,
+    "train.mode": MODES,
     "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "fp32", "bf16"),
+    "train.precision": PRECISIONS,
     "logging.mode": ("online", "offline", "disabled"),
     "eval.closed": ("rank", "generate"),
     "eval.language": ("auto", "en", "zh"),
 }
 """Allowed values of the string fields that are enumerations."""
+
+RENAMED: dict[str, str] = {
+    "train.warmup_steps": "train.warmup",
+    "train.best_metric": "train.metric",
+    "train.best_mode": "train.mode",
+    "train.keep_checkpoints": "train.keep_last",
+}
+"""Old field names that still load (with a ``FutureWarning``) under their new name."""
 
 DEEPSPEED_REQUIRED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                            "gradient_clipping", "zero_optimization", "bf16")

@@ -259,6 +259,26 @@ def supported_tasks(sample: UltrasoundSample) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- sampling
+def check_rates(rates: Mapping[str, float], name: str = "rates") -> dict[str, float]:
+    """``rates`` (``{task: rate}``, tasks from :data:`TASKS`, finite rates >= 0, at least one
+    positive) as floats in :data:`TASKS` order; anything else is a ``ValueError`` whose
+    message starts with ``name`` (the config loader passes ``"tasks"``)."""
+    if not isinstance(rates, Mapping) or not rates:
+        raise ValueError(f"{name} must be a non-empty dict of task -> rate; valid tasks: "
+                         f"{', '.join(TASKS)}")
+    unknown = [t for t in rates if t not in BUILDERS]
+    if unknown:
+        raise ValueError(f"{name} has unknown task(s) {', '.join(map(repr, unknown))}; valid "
+                         f"tasks: {', '.join(TASKS)}")
+    for task, rate in rates.items():
+        if not isinstance(rate, int | float) or not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"{name}.{task} rate must be a finite number >= 0, got "
+                             f"{rate!r}")
+    if not any(rate > 0 for rate in rates.values()):
+        raise ValueError(f"{name} need at least one task with a positive rate")
+    return {t: float(rates[t]) for t in TASKS if t in rates}
+
+
 class TaskSampler:
     """Pick one task per sample according to sampling rates, among the tasks it supports.
 
@@ -277,21 +297,7 @@ class TaskSampler:
     """
 
     def __init__(self, rates: Mapping[str, float], seed: int = 0):
-        if not isinstance(rates, Mapping) or not rates:
-            raise ValueError(f"rates must be a non-empty dict of task -> rate; valid tasks: "
-                             f"{', '.join(TASKS)}")
-        unknown = [t for t in rates if t not in BUILDERS]
-        if unknown:
-            raise ValueError(
-                f"unknown task(s) {', '.join(map(repr, unknown))} in rates; valid tasks: "
-                f"{', '.join(TASKS)}"
-            )
-        for task, rate in rates.items():
-            if not isinstance(rate, int | float) or not math.isfinite(rate) or rate < 0:
-                raise ValueError(f"rate of task {task!r} must be a finite number >= 0, got "
-                                 f"{rate!r}")
-        if not any(rate > 0 for rate in rates.values()):
-            raise ValueError("at least one task needs a positive rate")
+        check_rates(rates)
         self.rates: dict[str, float] = {t: float(rates[t]) for t in TASKS if t in rates}
         self.seed = int(seed)
         self._rng = np.random.default_rng(self.seed)

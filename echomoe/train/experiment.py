@@ -25,12 +25,12 @@ from the image; region-routed models are evaluated a second time with the true r
 
 Periodic evaluation (every ``train.eval_every``) is the teacher-forced loss on up to
 ``eval.num_samples`` cases of ``data.eval_split`` (keys ``eval/loss``, ``eval/loss/<name>``);
-when ``train.best_metric`` is another key, the generation harness
+when ``train.metric`` is another key, the generation harness
 (:func:`~echomoe.metrics.harness.evaluate_model`) runs too (keys ``eval/<task>/<metric>``).
 The final evaluation runs the harness on ``data.test_split``.
 
 **Optimisation.**  ``train.schedule`` (``cosine`` / ``linear`` decay to ``min_lr_ratio`` after
-``warmup_steps`` of linear warmup, or ``constant``), ``train.betas`` / ``train.eps`` (AdamW) and
+``warmup`` steps of linear warmup, or ``constant``), ``train.betas`` / ``train.eps`` (AdamW) and
 ``train.precision`` go to :func:`~echomoe.train.loop.train`: ``bf16`` autocasts the training
 forward and loss (fp32 weights), ``auto`` is bf16 on CUDA and fp32 on CPU.  With a DeepSpeed
 config its ``bf16`` section decides (``"auto"`` there follows ``train.precision``), and an
@@ -194,7 +194,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     from echomoe.train.batches import MultiTaskBatches
     from echomoe.train.checkpoint import seed_everything
     from echomoe.train.loop import make_loss_eval, train
-    from echomoe.train.optim import Stage, apply_lora, merge_lora
+    from echomoe.train.optim import apply_lora, merge_lora
 
     t, e, lg = cfg.train, cfg.eval, cfg.logging
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -233,7 +233,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
 
     def eval_fn(m) -> dict[str, float]:
         metrics = {f"eval/{k}": v for k, v in loss_eval(m).items()}
-        if t.best_metric not in metrics:
+        if t.metric not in metrics:
             result = evaluate_model(m, processor, eval_samples, e.tasks, e.batch_size,
                                     e.max_new_tokens, progress=False, closed=e.closed,
                                     language=e.language)
@@ -250,16 +250,15 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         record["num_samples"] = t.batch_size * t.grad_accum
         logger.log_step(step, record, routing=probe.report() if due else None)
 
-    stages = [Stage(s.name, s.steps, tuple(s.trainable), lr_scale=s.lr_scale)
-              for s in t.stages] or None
+    stages = list(t.stages) or None
     try:
         history = train(
             model, batches, steps=t.steps, lr=t.lr, weight_decay=t.weight_decay,
-            warmup=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, schedule=t.schedule,
+            warmup=t.warmup, min_lr_ratio=t.min_lr_ratio, schedule=t.schedule,
             betas=tuple(t.betas), eps=t.eps, precision=t.precision, grad_accum=t.grad_accum,
-            clip=t.clip, eval_fn=eval_fn, eval_every=t.eval_every, metric=t.best_metric,
-            mode=t.best_mode, checkpoint_dir=out / "checkpoints",
-            checkpoint_every=t.checkpoint_every, keep_last=t.keep_checkpoints, resume=t.resume,
+            clip=t.clip, eval_fn=eval_fn, eval_every=t.eval_every, metric=t.metric,
+            mode=t.mode, checkpoint_dir=out / "checkpoints",
+            checkpoint_every=t.checkpoint_every, keep_last=t.keep_last, resume=t.resume,
             seed=t.seed, stages=stages, log_fn=log_fn, progress=progress,
             deepspeed=deepspeed_config(cfg))
         probe.handle.remove()

@@ -53,6 +53,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from echomoe.config.rules import (
+    MODES,
+    SCHEDULES,
+    check_betas,
+    check_choice,
+    check_int,
+    check_positive,
+    check_warmup,
+)
+from echomoe.config.schema import Stage
 from echomoe.distributed.runtime import barrier, init_distributed, is_distributed
 from echomoe.train.batches import BatchCursor, as_batch_source
 from echomoe.train.checkpoint import (
@@ -66,15 +76,7 @@ from echomoe.train.checkpoint import (
     step_dirname,
 )
 from echomoe.train.deepspeed import DeepSpeed
-from echomoe.train.optim import (
-    SCHEDULES,
-    Stage,
-    apply_stage,
-    build_optimizer,
-    build_scheduler,
-    check_betas,
-    stage_at,
-)
+from echomoe.train.optim import apply_stage, build_optimizer, build_scheduler, stage_at
 from echomoe.train.precision import autocast, check_precision
 from echomoe.train.strategy import DDP, Local
 
@@ -251,7 +253,7 @@ def train(
         lr, weight_decay, expert_lr_scale: AdamW settings (see
             :func:`~echomoe.train.optim.build_optimizer`).
         warmup, min_lr_ratio, schedule: ``warmup`` steps of linear warmup from 0, then
-            ``schedule`` (:data:`~echomoe.train.optim.SCHEDULES`): ``"cosine"`` or
+            ``schedule`` (:data:`~echomoe.config.rules.SCHEDULES`): ``"cosine"`` or
             ``"linear"`` decay to ``min_lr_ratio * lr`` at ``steps``, or ``"constant"`` (see
             :func:`~echomoe.train.optim.lr_schedule`).
         betas, eps: AdamW's moment decay rates (two numbers in ``[0, 1)``) and epsilon (> 0).
@@ -305,18 +307,15 @@ def train(
         NonFiniteLossError: a loss or the gradient norm is NaN / inf (names the loss and step).
     """
     for name, value, low in (("steps", steps, 1), ("grad_accum", grad_accum, 1),
-                             ("warmup", warmup, 0), ("eval_every", eval_every, 0),
+                             ("eval_every", eval_every, 0),
                              ("checkpoint_every", checkpoint_every, 0),
                              ("keep_last", keep_last, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        check_int(value, name, low)
+    check_warmup(warmup, "warmup", steps)
+    check_choice(mode, "mode", MODES)
+    check_choice(schedule, "schedule", SCHEDULES)
     betas = check_betas(betas)
-    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_positive(eps, "eps")
     if eval_every and eval_fn is None:
         raise ValueError("eval_every is set but no eval_fn was given")
     check_precision(precision)

@@ -35,6 +35,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from echomoe.config.rules import (
+    SCHEDULES,
+    check_betas,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_non_negative,
+    check_positive,
+    check_warmup,
+)
+from echomoe.config.schema import Stage
+
 DEFAULT_NO_DECAY: tuple[str, ...] = ("*.bias", "*pos_embed*", "*cls_token*", "*region_bias*")
 """Name patterns that never get weight decay (on top of norm / embedding modules and 1-d
 parameters)."""
@@ -93,8 +105,7 @@ def param_groups(
 
     Empty groups are dropped; the order is :data:`GROUP_NAMES`.
     """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    check_non_negative(weight_decay, "weight_decay")
     owned = _no_decay_modules(model)
     buckets: dict[str, list[torch.Tensor]] = {name: [] for name in GROUP_NAMES}
     for name, param in model.named_parameters():
@@ -146,17 +157,6 @@ def split_moe_groups(groups: list[dict]) -> list[dict]:
     return out
 
 
-def check_betas(betas) -> tuple[float, float]:
-    """``betas`` as a ``(beta1, beta2)`` tuple of floats in ``[0, 1)`` (AdamW's moment decay
-    rates); anything else is a ``ValueError`` naming ``betas``."""
-    ok = (isinstance(betas, Sequence) and not isinstance(betas, str) and len(betas) == 2
-          and all(isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0
-                  for b in betas))
-    if not ok:
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    return float(betas[0]), float(betas[1])
-
-
 def build_optimizer(
     model: nn.Module,
     *,
@@ -172,11 +172,9 @@ def build_optimizer(
     splits DeepSpeed-MoE parameters into ``"moe": True`` groups (:func:`split_moe_groups`, as
     DeepSpeed ZeRO requires).  ``betas`` (two numbers in ``[0, 1)``) and ``eps`` (> 0) are
     AdamW's and reach every group."""
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    check_positive(lr, "lr")
     betas = check_betas(betas)
-    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_positive(eps, "eps")
     groups = param_groups(model, weight_decay=weight_decay, expert_lr_scale=expert_lr_scale,
                           trainable_only=trainable_only)
     if moe_groups:
@@ -187,10 +185,6 @@ def build_optimizer(
 
 
 # ----------------------------------------------------------------------------- schedule
-SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
-"""Learning-rate schedules after the warmup (see :func:`lr_schedule`)."""
-
-
 @dataclass(frozen=True)
 class WarmupSchedule:
     """Learning-rate multiplier: linear warmup ``0 -> 1`` over ``warmup`` steps, then
@@ -209,11 +203,9 @@ class WarmupSchedule:
     min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.warmup < 0 or self.total < 1 or self.warmup > self.total:
-            raise ValueError(f"need 0 <= warmup <= total and total >= 1, got warmup="
-                             f"{self.warmup}, total={self.total}")
-        if not 0.0 <= self.min_ratio <= 1.0:
-            raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
+        check_int(self.total, "total", 1)
+        check_warmup(self.warmup, "warmup", self.total, "total")
+        check_fraction(self.min_ratio, "min_ratio")
 
     def decay(self, progress: float) -> float:
         """The multiplier after the warmup at ``progress`` in ``[0, 1]``."""
@@ -263,8 +255,7 @@ def lr_schedule(schedule: str, *, warmup: int, total: int,
                 min_ratio: float = 0.0) -> WarmupSchedule:
     """The multiplier of ``schedule`` (:data:`SCHEDULES`): :class:`WarmupCosine`,
     :class:`WarmupLinear` or :class:`WarmupConstant`."""
-    if schedule not in _SCHEDULE_CLASSES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    check_choice(schedule, "schedule", SCHEDULES)
     return _SCHEDULE_CLASSES[schedule](warmup=warmup, total=total, min_ratio=min_ratio)
 
 
@@ -384,31 +375,6 @@ def unfreeze(model: nn.Module, patterns: str | Iterable[str]) -> list[str]:
     for _, param in hits:
         param.requires_grad_(True)
     return sorted({n for n, _ in hits})
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One training stage: ``steps`` optimiser steps (``None``: until the end) during which
-    only parameters matching ``trainable`` (fnmatch patterns) are trained, at ``lr_scale``
-    times the scheduled learning rate (``lr * schedule(step) * lr_scale`` for every parameter
-    group, on top of the group's own ``lr_scale``; see :class:`StagedSchedule`)."""
-
-    name: str
-    steps: int | None
-    trainable: tuple[str, ...] = ("*",)
-    lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"stage {self.name!r}: steps must be >= 1 or None, got {self.steps}")
-        if isinstance(self.trainable, str) or not self.trainable:
-            raise ValueError(f"stage {self.name!r}: trainable must be a non-empty tuple of "
-                             "patterns")
-        scale = self.lr_scale
-        if (isinstance(scale, bool) or not isinstance(scale, int | float)
-                or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"stage {self.name!r}: lr_scale must be a finite number > 0, got "
-                             f"{scale!r}")
 
 
 def stage_at(stages: Sequence[Stage], step: int) -> tuple[int, Stage]:

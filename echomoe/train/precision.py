@@ -13,15 +13,13 @@ import contextlib
 
 import torch
 
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
-"""Values of ``train(precision=...)`` (see :func:`resolve_precision`)."""
+from echomoe.config.rules import PRECISIONS, check_choice
 
 
 def check_precision(precision: str) -> str:
-    """``precision`` when it is one of :data:`PRECISIONS`, else a ``ValueError`` naming it."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
+    """``precision`` when it is one of :data:`~echomoe.config.rules.PRECISIONS`, else a
+    ``ValueError`` naming it."""
+    return check_choice(precision, "precision", PRECISIONS)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

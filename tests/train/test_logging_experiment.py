@@ -124,7 +124,7 @@ def test_train_script_main_tiny_config(tmp_path, monkeypatch):
     started = time.perf_counter()
     status = script.main([
         str(REPO / "configs/experiments/multitask.yaml"), "train.steps=3",
-        "train.warmup_steps=1", "train.eval_every=2", "train.batch_size=4", "data.n=16",
+        "train.warmup=1", "train.eval_every=2", "train.batch_size=4", "data.n=16",
         "data.synthetic.image_size=32", "eval.num_samples=4", "eval.max_new_tokens=4",
         "model.variant=moe_topk", "model.corpus_samples=16", "logging.mode=disabled",
         "logging.log_every=1", "train.group_by_length=true", f"output_dir={out}"])

@@ -162,8 +162,9 @@ def test_staged_schedule_rejects_inconsistent_fields():
 
 @pytest.mark.parametrize("scale", ["0", "-1"])
 def test_bad_lr_scale_in_the_config_names_the_field(scale):
-    with pytest.raises(ConfigError, match=r"train\.stages\[1\]\.lr_scale must be > 0"):
-        load_config(BASE, ["train.steps=4", "train.warmup_steps=0",
+    with pytest.raises(ConfigError,
+                       match=r"train\.stages\[1\]: stage 'stage': lr_scale must be a finite"):
+        load_config(BASE, ["train.steps=4", "train.warmup=0",
                            f"train.stages=[{{steps: 2}}, {{steps: null, lr_scale: {scale}}}]"])
 
 
