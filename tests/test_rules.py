@@ -101,16 +101,30 @@ def test_task_rates_share_their_rule():
 @pytest.mark.parametrize("old, new, value", [
     ("warmup_steps", "warmup", 3), ("keep_checkpoints", "keep_last", 5),
     ("best_metric", "metric", "eval/report/bleu1"), ("best_mode", "mode", "max"),
+    ("lora.modules_to_save", "lora.trainable", ["mlp"]),
 ])
 def test_old_field_names_still_load_with_a_warning(tmp_path, old, new, value):
     path = tmp_path / "old.yaml"
-    path.write_text(f"base: {BASE}\ntrain:\n  {old}: {value}\n")
+    def nested(key: str) -> str:  # "lora.trainable" -> "lora:\n    trainable: ..."
+        *parents, last = key.split(".")
+        lines = [f"{'  ' * (i + 1)}{p}:" for i, p in enumerate(parents)]
+        return "\n".join([*lines, f"{'  ' * (len(parents) + 1)}{last}: {value}"])
+
+    def read(cfg):
+        obj = cfg.train
+        for part in new.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    path.write_text(f"base: {BASE}\ntrain:\n{nested(old)}\n")
     with pytest.warns(FutureWarning, match=re.escape(f"train.{old} is now called train.{new}")):
-        cfg = load_config(path)
-    assert getattr(cfg.train, new) == value
+        assert read(load_config(path)) == value
     with pytest.warns(FutureWarning):
-        assert getattr(load_config(BASE, [f"train.{old}={value}"]).train, new) == value
-    path.write_text(f"base: {BASE}\ntrain:\n  {old}: {value}\n  {new}: {value}\n")
+        assert read(load_config(BASE, [f"train.{old}={value}"])) == value
+    both = {**{old: value}, **{new: value}}
+    text = "\n".join(nested(k) for k in both) if "." not in old else (
+        f"  lora:\n    {old.split('.')[1]}: {value}\n    {new.split('.')[1]}: {value}")
+    path.write_text(f"base: {BASE}\ntrain:\n{text}\n")
     with pytest.raises(ConfigError, match=f"train.{old} and train.{new} are both set"):
         load_config(path)
 

@@ -96,9 +96,11 @@ def _renamed(data: Any, where: str, warn: bool = True) -> Any:
     if not isinstance(data, dict):
         return data
     for old, new in RENAMED.items():
-        section, old_key = old.split(".")
-        new_key = new.split(".")[1]
-        values = data.get(section)
+        *parents, old_key = old.split(".")
+        new_key = new.rsplit(".", 1)[1]
+        values = data
+        for part in parents:
+            values = values.get(part) if isinstance(values, dict) else None
         if not (isinstance(values, dict) and old_key in values):
             continue
         if new_key in values:

@@ -162,7 +162,8 @@ class Stage:
 class LoraSection:
     """LoRA via ``peft`` on the language model (off by default).
 
-    ``target_modules`` are module-name suffixes; ``modules_to_save`` are trained fully.
+    ``target_modules`` are module-name suffixes; ``trainable`` modules (peft's
+    ``modules_to_save``) are trained fully (:func:`~echomoe.train.optim.apply_lora`).
     """
 
     enabled: bool = False
@@ -171,7 +172,7 @@ class LoraSection:
     dropout: float = 0.05
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    modules_to_save: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -288,6 +289,7 @@ RENAMED: dict[str, str] = {
     "train.best_metric": "train.metric",
     "train.best_mode": "train.mode",
     "train.keep_checkpoints": "train.keep_last",
+    "train.lora.modules_to_save": "train.lora.trainable",
 }
 """Old field names that still load (with a ``FutureWarning``) under their new name."""
 

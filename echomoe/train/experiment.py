@@ -219,7 +219,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     model.to(world.device if world.world_size > 1 and t.device == "auto" else _device(t.device))
     if t.lora.enabled:
         apply_lora(model, target_modules=t.lora.target_modules, r=t.lora.r, alpha=t.lora.alpha,
-                   dropout=t.lora.dropout, trainable=t.lora.modules_to_save)
+                   dropout=t.lora.dropout, trainable=t.lora.trainable)
     collator = make_collator(model, processor, cfg.data.max_length)
     rates = cfg.tasks.rates()
     batches = MultiTaskBatches(splits[cfg.data.train_split], collator=collator, rates=rates,

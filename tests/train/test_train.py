@@ -382,7 +382,7 @@ def test_lora_modules_to_save_are_module_names_as_in_the_shipped_config():
 
     lora = load_config(REPO / "configs" / "experiments" / "lora.yaml").train.lora
     model = apply_lora(fresh_model("moe_topk"), target_modules=lora.target_modules, r=lora.r,
-                       alpha=lora.alpha, trainable=lora.modules_to_save)
+                       alpha=lora.alpha, trainable=lora.trainable)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     saved = ("projector.", "mask_decoder.", "pixel_decoder.", "box_head.", "keypoint_head.",
