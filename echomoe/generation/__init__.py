@@ -1,0 +1,33 @@
+"""Conditional generation of ultrasound images and the code that scores it.
+
+=========================== ================================================================
+:mod:`.unet`                :class:`UNet`: a small conv U-Net, optionally FiLM-conditioned
+:mod:`.flow`                :class:`FlowMatchingHead`: images from a hidden state (rectified
+                            flow), optional mask conditioning, classifier-free guidance
+:mod:`.evaluate`            a segmenter trained on real images judges generated ones (Dice
+                            against the requested mask, lesion presence, feature distance),
+                            beside ``real`` and ``shuffled`` reference rows
+=========================== ================================================================
+"""
+
+from echomoe.generation.evaluate import (
+    frechet_distance,
+    generation_report,
+    generation_scores,
+    sample_tensors,
+    train_segmenter,
+)
+from echomoe.generation.flow import FlowMatchingHead, to_model_range, to_uint8
+from echomoe.generation.unet import UNet
+
+__all__ = [
+    "FlowMatchingHead",
+    "UNet",
+    "frechet_distance",
+    "generation_report",
+    "generation_scores",
+    "sample_tensors",
+    "to_model_range",
+    "to_uint8",
+    "train_segmenter",
+]
