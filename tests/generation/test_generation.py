@@ -135,3 +135,81 @@ def test_a_mask_conditioned_generator_draws_the_requested_lesion(benchmark):
                                    masks=requested[:, 1:2], generator=g)
     report = generation_report(segmenter, generated, test, image_size=32, reference=train)
     assert report["generated"]["dice"] > report["shuffled"]["dice"] + 0.05, report
+
+
+# ----------------------------------------------------------------------------- with a VLM
+@pytest.fixture(scope="module")
+def tiny_vlm_parts():
+    from echomoe.models import build_processor
+
+    return build_processor("tiny", num_samples=30).tokenizer
+
+
+def _generator(variant: str, mask_channels: int = 1, **kw):
+    from echomoe.generation.model import ImageGenerator
+    from echomoe.models import build_model
+
+    torch.manual_seed(0)
+    vlm = build_model("tiny", variant)
+    head = FlowMatchingHead(vlm.config.text_config.hidden_size, 32, width=8, depth=2,
+                            cond_dim=16, mask_channels=mask_channels)
+    return ImageGenerator(vlm, head, **kw)
+
+
+def test_the_collator_left_pads_requests_and_carries_the_targets(benchmark, tiny_vlm_parts):
+    from echomoe.generation.model import GenerationCollator, request_text
+
+    train, test, _ = benchmark
+    cases = test[:3]
+    batch = GenerationCollator(tiny_vlm_parts, 32)(cases)
+    assert batch["attention_mask"][:, -1].all()  # every row ends with its request
+    for row, sample in zip(range(3), cases, strict=True):
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        assert ids == tiny_vlm_parts(request_text(sample))["input_ids"]
+    assert request_text(cases[0]).startswith(f"Generate a {cases[0].region.replace('_', ' ')}")
+    assert batch["images"].shape == (3, 1, 32, 32) and batch["masks"].shape == (3, 1, 32, 32)
+    assert batch["region_ids"].tolist() == [s.region_id for s in cases]
+
+
+def test_the_request_conditions_the_head_through_the_language_model(benchmark, tiny_vlm_parts):
+    from echomoe.generation.model import GenerationCollator
+
+    train, _, _ = benchmark
+    batch = GenerationCollator(tiny_vlm_parts, 32)(train[:4])
+    gen = _generator("moe_region_hard")
+    hidden = gen.condition(batch["input_ids"], batch["attention_mask"], batch["region_ids"])
+    assert hidden.shape == (4, gen.vlm.config.text_config.hidden_size)
+    assert not torch.allclose(hidden[0], hidden[1])  # different requests, different states
+    out = gen(**batch)
+    assert {"gen", "moe_balance"} <= set(out["losses"]) and out["loss"].dim() == 0
+    out["loss"].backward()
+    assert gen.gen_token.grad.abs().sum() > 0
+    assert gen.vlm.get_input_embeddings().weight.grad.abs().sum() > 0
+    frozen = _generator("dense", freeze_language_model=True)
+    assert not any(p.requires_grad for p in frozen.vlm.parameters())
+    with pytest.raises(ValueError, match="conditions on 5-d states"):
+        from echomoe.generation.model import ImageGenerator
+
+        ImageGenerator(gen.vlm, FlowMatchingHead(5, 32, width=8, depth=2, cond_dim=16))
+
+
+@pytest.mark.slow
+def test_a_vlm_generator_trains_and_draws_the_requested_lesion(benchmark, tiny_vlm_parts):
+    from echomoe.generation.model import GenerationCollator
+    from echomoe.train import IndexedBatches
+    from echomoe.train import train as run
+
+    train_cases, test, segmenter = benchmark
+    collate = GenerationCollator(tiny_vlm_parts, 32)
+    gen = _generator("dense")
+    gen.head = FlowMatchingHead(gen.vlm.config.text_config.hidden_size, 32, width=16, depth=3,
+                                cond_dim=32, mask_channels=1)
+    history = run(gen, IndexedBatches(train_cases, collate_fn=collate, batch_size=16),
+                  steps=150, lr=2e-3, warmup=10, progress=False)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    batch = collate(test)
+    images = gen.generate(batch["input_ids"], batch["attention_mask"],
+                          region_ids=batch["region_ids"], masks=batch["masks"], steps=10,
+                          generator=torch.Generator().manual_seed(0))
+    report = generation_report(segmenter, images, test, image_size=32, reference=train_cases)
+    assert report["generated"]["dice"] > report["shuffled"]["dice"] + 0.03, report
