@@ -69,7 +69,7 @@ def _check_readme_update(bench, payload: dict, tmp_path: Path) -> str:
     bench("update_readme").main([str(json_path), "--readme", str(readme)])
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert any(f"| {first} |" in text for first in ("model", "T", "part", "conversion"))
+    assert any(f"| {first} |" in text for first in ("model", "T", "part", "conversion", "variant"))
     return text
 
 
@@ -260,3 +260,17 @@ def test_update_readme_demo_table_over_seeds(bench, tmp_path):
     assert "| dense | 0, 1, 2 | 0.50 ± 0.10 | n/a |" in seeds and "| 110 |" in seeds
     assert "| moe_topk | 0, 1 | 0.30 ± 0.00 |" in seeds and "| 92 |" in seeds
     assert "mean ± sample std" in seeds and "old" not in seeds
+
+
+def test_generation_benchmark(bench, tmp_path):
+    out = tmp_path / "generation.json"
+    payload = bench("generation").main(["--variants", "dense", "--n", "40", "--steps", "4",
+                                        "--segmenter-steps", "4", "--sample-steps", "2",
+                                        "--width", "8", "--out", str(out)])
+    _check_common(payload, "generation", out)
+    (result,) = payload["results"]
+    assert set(result["report"]) == {"generated", "real", "shuffled"}
+    real, shuffled = result["report"]["real"], result["report"]["shuffled"]
+    assert real["feature_distance"] == pytest.approx(shuffled["feature_distance"])  # same images
+    assert result["parameters"]["head"] > 0 and result["steps"] == 4
+    _check_readme_update(bench, payload, tmp_path)
