@@ -58,7 +58,7 @@ from torch import nn
 from echomoe.data.schema import REGIONS
 from echomoe.models.configuration import EchoMoEConfig
 from echomoe.models.processor import EchoMoEProcessor
-from echomoe.moe.builders import CAUSAL_ROUTERS, build_moe_layer, equal_active_expert_size
+from echomoe.moe.builders import build_moe_layer, causal_routers, equal_active_expert_size
 from echomoe.moe.builders import count_parameters as _count_module_parameters
 from echomoe.moe.upcycle import moefy
 
@@ -261,9 +261,9 @@ def validate_config(config: EchoMoEConfig) -> None:
             raise ValueError(f"unknown moe_config keys {sorted(bad)}; valid: "
                              f"{', '.join(sorted(_moe_fields()))}")
         router = moe.get("router", "topk")
-        if router not in CAUSAL_ROUTERS:
+        if router not in causal_routers():
             raise ValueError(f"moe_config router {router!r} is not causal; valid for the LM: "
-                             f"{', '.join(CAUSAL_ROUTERS)}")
+                             f"{', '.join(causal_routers())}")
         if moe.get("num_regions", config.num_regions) != config.num_regions:
             raise ValueError(f"moe_config num_regions={moe['num_regions']} but the config has "
                              f"{config.num_regions} regions")

@@ -8,7 +8,10 @@ blocks without conversion:
 * plain activations (``gelu``, ``relu``, ``silu``): ``up_proj [E, F, D]`` and
   ``down_proj [E, D, F]`` (optionally with biases, for upcycled ViT/CLIP MLPs).
 
-Backends (same weights, same results):
+Backends (same weights, same results) are entries of :data:`EXPERT_BACKENDS`, a
+:class:`~echomoe.moe.registry.Registry` of :class:`ExpertBackend` (a function
+``forward(experts, x, expert_ids, weights) -> (N, D)`` and an optional construction-time
+``check()``); register one to add a kernel:
 
 * ``loop``: one matmul pair per expert in a Python loop; the readable reference.
 * ``grouped_mm``: sort assignments by expert and run one grouped GEMM per projection
@@ -20,19 +23,22 @@ Backends (same weights, same results):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from echomoe.moe.dispatch import gated_activation, grouped_experts_forward, grouped_linear
+from echomoe.moe.registry import Registry
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 PLAIN_ACTIVATIONS = ("gelu", "relu", "silu")
 ACTIVATIONS = GATED_ACTIVATIONS + PLAIN_ACTIVATIONS
-BACKENDS = ("grouped_mm", "loop", "megablocks", "expert_parallel")
 
 
-def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, valid) -> None:
     """Raise a ``ValueError`` naming the valid choices when ``value`` is not one of them."""
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
@@ -66,6 +72,64 @@ def _megablocks_linear(x: Tensor, weight: Tensor, offsets: Tensor, out_groups: i
     return gg.ops.gmm(x.contiguous(), weight.contiguous(), counts, trans_b=True)
 
 
+@dataclass(frozen=True)
+class ExpertBackend:
+    """An entry of :data:`EXPERT_BACKENDS`.
+
+    Attributes:
+        forward: ``forward(experts, x (N, D), expert_ids (N, k), weights (N, k)) -> (N, D)``
+            = ``sum_j weights[:, j] * expert_{ids[:, j]}(x)`` (``-1`` ids are dropped).
+        check: called when a :class:`GroupedExperts` with this backend is built (e.g. to
+            refuse a missing GPU or package early); ``None``: nothing to check.
+    """
+
+    forward: Callable[..., Tensor]
+    check: Callable[[], None] | None = None
+
+
+def loop_forward(experts: GroupedExperts, x: Tensor, expert_ids: Tensor,
+                 weights: Tensor) -> Tensor:
+    """One matmul pair per expert in a Python loop (the readable reference)."""
+    out = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        token, slot = torch.where(expert_ids == e)
+        if token.numel() == 0:
+            continue
+        y = experts.expert(e, x[token]) * weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def grouped_mm_forward(experts: GroupedExperts, x: Tensor, expert_ids: Tensor,
+                       weights: Tensor, linear: Callable = grouped_linear) -> Tensor:
+    """Assignments sorted by expert, one grouped GEMM per projection
+    (:func:`~echomoe.moe.dispatch.grouped_experts_forward`)."""
+    return grouped_experts_forward(x, expert_ids, weights, experts.w_in, experts.down_proj,
+                                   experts.in_bias, experts.down_bias, experts.activation,
+                                   linear=linear)
+
+
+def megablocks_forward(experts: GroupedExperts, x: Tensor, expert_ids: Tensor,
+                       weights: Tensor) -> Tensor:
+    """:func:`grouped_mm_forward` with MegaBlocks' grouped GEMM kernels (CUDA only)."""
+    _require_megablocks()
+    if not x.is_cuda:
+        raise RuntimeError("backend='megablocks' needs inputs on a CUDA device")
+    return grouped_mm_forward(experts, x, expert_ids, weights, linear=_megablocks_linear)
+
+
+EXPERT_BACKENDS: Registry[ExpertBackend] = Registry("backend")
+"""Expert backends by name (see the module docstring)."""
+EXPERT_BACKENDS.register("grouped_mm", ExpertBackend(grouped_mm_forward))
+EXPERT_BACKENDS.register("loop", ExpertBackend(loop_forward))
+EXPERT_BACKENDS.register("megablocks", ExpertBackend(megablocks_forward, _require_megablocks))
+# one process: grouped_mm; under torchrun the experts are sharded (ExpertParallelExperts)
+EXPERT_BACKENDS.register("expert_parallel", ExpertBackend(grouped_mm_forward))
+
+BACKENDS = EXPERT_BACKENDS
+"""The registered backend names (the registry itself: iterate it, ``name in BACKENDS``)."""
+
+
 class GroupedExperts(nn.Module):
     """``E`` experts applied to routed tokens.
 
@@ -74,7 +138,7 @@ class GroupedExperts(nn.Module):
         hidden_size: ``D``.
         intermediate_size: ``F``, the width of one expert.
         activation: one of :data:`ACTIVATIONS`.
-        backend: one of :data:`BACKENDS`.
+        backend: a name registered in :data:`EXPERT_BACKENDS`.
         bias: give each expert biases (plain activations only; as in ViT/CLIP MLPs).
     """
 
@@ -90,9 +154,9 @@ class GroupedExperts(nn.Module):
     ) -> None:
         super().__init__()
         check_choice("activation", activation, ACTIVATIONS)
-        check_choice("backend", backend, BACKENDS)
-        if backend == "megablocks":
-            _require_megablocks()
+        check = EXPERT_BACKENDS[backend].check
+        if check is not None:
+            check()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -137,35 +201,7 @@ class GroupedExperts(nn.Module):
 
         Returns ``(N, D)`` = ``sum_j weights[:, j] * expert_{ids[:, j]}(x)``.
         """
-        if self.backend == "loop":
-            return self._forward_loop(x, expert_ids, weights)
-        linear = grouped_linear
-        if self.backend == "megablocks":
-            _require_megablocks()
-            if not x.is_cuda:
-                raise RuntimeError("backend='megablocks' needs inputs on a CUDA device")
-            linear = _megablocks_linear
-        return grouped_experts_forward(
-            x,
-            expert_ids,
-            weights,
-            self.w_in,
-            self.down_proj,
-            self.in_bias,
-            self.down_bias,
-            self.activation,
-            linear=linear,
-        )
-
-    def _forward_loop(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
-        out = torch.zeros_like(x)
-        for e in range(self.num_experts):
-            token, slot = torch.where(expert_ids == e)
-            if token.numel() == 0:
-                continue
-            y = self.expert(e, x[token]) * weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out
+        return EXPERT_BACKENDS[self.backend].forward(self, x, expert_ids, weights)
 
     def forward_buckets(self, x: Tensor) -> Tensor:
         """Apply expert ``e`` to bucket ``e``: ``(E, C, D) -> (E, C, D)`` with batched GEMMs.
