@@ -39,19 +39,10 @@ from echomoe.data.tokenizer import (
     SEG_TOKEN,
     special_token_ids,
 )
+from echomoe.utils.sizes import image_hw
 
 IGNORE_INDEX = -100
 """Label value of positions without a loss (prompt, image tokens, padding)."""
-
-
-def _image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, int | np.integer):
-        size = (int(image_size), int(image_size))
-    else:
-        size = tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be an int or (height, width) >= 1, got {image_size!r}")
-    return size  # type: ignore[return-value]
 
 
 def resize_image(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -161,7 +152,7 @@ class VLMCollator:
         self.tokenizer = tokenizer
         self.token_ids = special_token_ids(tokenizer)  # raises if a token is missing
         self.image_tokens_per_image = int(image_tokens_per_image)
-        self.image_size = _image_size(image_size)
+        self.image_size = image_hw(image_size)
         self.max_length = max_length
         self.keypoint_names = tuple(keypoint_names) if keypoint_names is not None else None
         self.num_keypoints = len(self.keypoint_names) if self.keypoint_names else num_keypoints

@@ -26,16 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from echomoe.grounding.heads import head_mlp
-
-
-def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    """``int`` or ``(H, W)`` -> ``(H, W)``."""
-    if isinstance(image_size, int):
-        return image_size, image_size
-    size = tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be an int or (H, W) >= 1, got {image_size!r}")
-    return size  # type: ignore[return-value]
+from echomoe.utils.sizes import image_hw
 
 
 def _check_inputs(name: str, seg_hidden: Tensor, features: Tensor, hidden: int, dim: int) -> None:

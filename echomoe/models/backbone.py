@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from echomoe.utils.sizes import image_hw
 from echomoe.vision.backbone import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -186,8 +187,7 @@ def backbone_tokens_per_image(config) -> int:
         raise ValueError("projector_pool must be False with a backbone (its own projector / "
                          "merger sets the number of image tokens)")
     n = _vision_numbers(config.backbone)
-    size = config.image_size
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = image_hw(config.image_size)
     unit = n["patch_size"] * n.get("merge_size", 1)
     if h % unit or w % unit:
         detail = (f"patch_size x spatial_merge_size = {n['patch_size']} x {n['merge_size']}"
@@ -332,26 +332,57 @@ def build_backbone(config) -> tuple[nn.Module, nn.Module, nn.Module]:
     return vision, projector, lm
 
 
+HF_VISION_KINDS = {"siglip": "siglip_vision_model", "clip": "clip_vision_model",
+                   "dinov2": "dinov2"}
+"""``vision_config`` kind -> the ``transformers`` vision ``model_type`` built from ``config``."""
+
+VISION_KINDS = ("native", "pretrained", *HF_VISION_KINDS, "backbone")
+
+
+def _vision_kind(spec: dict) -> str:
+    kind = spec.get("kind", "native")
+    if kind not in VISION_KINDS:
+        raise ValueError(f"unknown vision_config kind {kind!r}; valid: {', '.join(VISION_KINDS)}")
+    return kind
+
+
+def _hf_vision_config(spec: dict):
+    """The ``transformers`` config of a ``siglip`` / ``clip`` / ``dinov2`` or ``pretrained``
+    ``vision_config`` (a pretrained one read from its local directory only)."""
+    kind = _vision_kind(spec)
+    if kind == "pretrained":
+        hf = AutoConfig.from_pretrained(str(spec["path"]), local_files_only=True)
+        return getattr(hf, "vision_config", hf)
+    return AutoConfig.for_model(HF_VISION_KINDS[kind], **spec.get("config", {}))
+
+
+def vision_patch_size(vision_config: dict) -> int:
+    """Patch size of the encoder a (non-backbone) ``vision_config`` describes, without
+    building it."""
+    spec = dict(vision_config)
+    kind = _vision_kind(spec)
+    if kind == "backbone":
+        raise ValueError("vision_config kind 'backbone' has no patch size of its own; see "
+                         "backbone_tokens_per_image")
+    patch = spec.get("patch_size", 16) if kind == "native" else _hf_vision_config(spec).patch_size
+    return int(image_hw(patch, "patch_size")[0])
+
+
 def build_vision_encoder(config) -> nn.Module:
     """The image encoder described by ``config.vision_config`` (native, HF or pretrained)."""
     from echomoe.vision import HFVisionEncoder, VisionTransformer
 
     spec = dict(config.vision_config)
-    kind = spec.pop("kind", "native")
+    kind = _vision_kind(spec)
     if kind == "native":
+        spec.pop("kind", None)
         return VisionTransformer(image_size=config.image_size, in_channels=config.in_channels,
                                  **spec)
     if kind == "pretrained":
         return HFVisionEncoder.from_pretrained(spec["path"])
-    if kind in ("siglip", "clip", "dinov2"):
-        model_type = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}.get(kind, kind)
-        hf_config = AutoConfig.for_model(model_type, **spec.get("config", {}))
-        return HFVisionEncoder.from_config(hf_config)
     if kind == "backbone":
         raise ValueError("vision_config kind 'backbone' needs the config's backbone field")
-    raise ValueError(
-        f"unknown vision_config kind {kind!r}; valid: native, pretrained, siglip, clip, dinov2"
-    )
+    return HFVisionEncoder.from_config(_hf_vision_config(spec))
 
 
 def build_language_model(config) -> nn.Module:

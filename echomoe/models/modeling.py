@@ -252,10 +252,9 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
     @property
     def tokens_per_image(self) -> int:
         """``<image>`` placeholder tokens each image expands to in ``input_ids``."""
-        if hasattr(self.vision, "num_output_tokens"):  # a backbone's tower + projector
-            return self.vision.num_output_tokens(self.config.image_size)
-        n = self.vision.num_patches(self.config.image_size)
-        return n // 4 if self.config.projector_pool else n
+        from echomoe.models.processor import image_tokens_per_image
+
+        return image_tokens_per_image(self.config)
 
     # -- images ---------------------------------------------------------------------------
     def _flatten_images(self, pixel_values: Tensor, image_counts: Tensor | None) -> tuple:

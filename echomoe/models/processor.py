@@ -36,9 +36,10 @@ import numpy as np
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
-from echomoe.data.collate import VLMCollator, _image_size, resize_image
+from echomoe.data.collate import VLMCollator, resize_image
 from echomoe.data.schema import REGIONS, region_index
 from echomoe.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+from echomoe.utils.sizes import image_hw
 
 PROCESSOR_CONFIG = "processor_config.json"
 HUB_LOADING_OPTIONS: tuple[str, ...] = (
@@ -115,7 +116,7 @@ class EchoMoEImageProcessor(BaseImageProcessor):
         super().__init__()
         if in_channels not in _PIL_MODES:
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
-        size = _image_size(image_size)
+        size = image_hw(image_size)
         self.image_size = size[0] if size[0] == size[1] else list(size)
         self.in_channels = int(in_channels)
 
@@ -129,7 +130,7 @@ class EchoMoEImageProcessor(BaseImageProcessor):
 
     def process_image(self, image: Any) -> np.ndarray:
         """One image -> ``(C, H, W)`` float32 in [0, 1]."""
-        size = _image_size(self.image_size)
+        size = image_hw(self.image_size)
         array = _load_image(image, self.in_channels)
         if array.ndim == 2:
             return resize_image(array, size)[None]
@@ -152,7 +153,7 @@ class EchoMoEImageProcessor(BaseImageProcessor):
                 f"images must be an image, a list of images or a list of lists, got "
                 f"{type(images).__name__}"
             )
-        h, w = _image_size(self.image_size)
+        h, w = image_hw(self.image_size)
         counts = np.array([len(g) for g in groups], dtype=np.int64)
         pixels = np.zeros((len(groups), int(counts.max(initial=0)), self.in_channels, h, w),
                           dtype=np.float32)
@@ -174,30 +175,12 @@ def image_tokens_per_image(config) -> int:
     native ViT kwargs, a transformers vision ``config`` dict, or a local ``pretrained`` path.
     With a ``backbone``: :func:`~echomoe.models.backbone.backbone_tokens_per_image`.
     """
-    spec = dict(config.vision_config)
-    kind = spec.get("kind", "native")
-    if kind == "backbone":  # the VLM's own merger / feature selection sets the count
-        from echomoe.models.backbone import backbone_tokens_per_image
+    from echomoe.models.backbone import backbone_tokens_per_image, vision_patch_size
 
+    if config.vision_config.get("kind", "native") == "backbone":  # the VLM's own merger
         return backbone_tokens_per_image(config)
-    if kind == "native":
-        patch = spec.get("patch_size", 16)
-    elif kind in ("siglip", "clip", "dinov2"):
-        from transformers import AutoConfig
-
-        model_type = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}.get(kind, kind)
-        patch = AutoConfig.for_model(model_type, **spec.get("config", {})).patch_size
-    elif kind == "pretrained":
-        from transformers import AutoConfig
-
-        hf = AutoConfig.from_pretrained(str(spec["path"]), local_files_only=True)
-        patch = getattr(hf, "vision_config", hf).patch_size
-    else:
-        raise ValueError(
-            f"unknown vision_config kind {kind!r}; valid: native, pretrained, siglip, clip, dinov2"
-        )
-    patch = int(patch if isinstance(patch, int) else patch[0])
-    h, w = _image_size(config.image_size)
+    patch = vision_patch_size(config.vision_config)
+    h, w = image_hw(config.image_size)
     if h % patch or w % patch:
         raise ValueError(f"image_size {h}x{w} is not a multiple of the patch size {patch}")
     gh, gw = h // patch, w // patch

@@ -31,7 +31,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from echomoe.vision.encoder import ImageEncoder, Size, _pair
+from echomoe.utils.sizes import image_hw
+from echomoe.vision.encoder import ImageEncoder, Size
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -96,7 +97,7 @@ class QwenVisionAdapter(_BackboneEncoder):
         self.output_size = int(output_size)
         self.depth = int(cfg.depth)
         self.num_prefix_tokens = 0
-        self.image_size = _pair(image_size)
+        self.image_size = image_hw(image_size)
         self._check_size(self.image_size)
 
     def _check_size(self, size: tuple[int, int]) -> None:
@@ -108,7 +109,7 @@ class QwenVisionAdapter(_BackboneEncoder):
 
     def num_output_tokens(self, image_size: Size | None = None) -> int:
         """LM tokens per image: ``N / m^2``."""
-        size = self.image_size if image_size is None else _pair(image_size)
+        size = self.image_size if image_size is None else image_hw(image_size)
         self._check_size(size)
         return self.num_patches(size) // self.merge_size**2
 
@@ -249,10 +250,10 @@ class LlavaVisionAdapter(_BackboneEncoder):
         self.select_strategy = select_strategy
         self.hidden_size = int(cfg.hidden_size)
         self.output_size = int(output_size)
-        self.patch_size = int(_pair(cfg.patch_size)[0])
+        self.patch_size = int(image_hw(cfg.patch_size, "patch_size")[0])
         self.in_channels = int(cfg.num_channels)
-        self.image_size = _pair(image_size)
-        self.tower_size = _pair(cfg.image_size)
+        self.image_size = image_hw(image_size)
+        self.tower_size = image_hw(cfg.image_size)
         self.depth = index
         self.num_prefix_tokens = 0 if "siglip" in cfg.model_type else 1
         self.grid_size(self.image_size)

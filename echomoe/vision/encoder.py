@@ -48,14 +48,11 @@ from torch import Tensor, nn
 from echomoe.moe.builders import build_dense_ffn, build_moe_layer
 from echomoe.moe.layer import MoEOutput, RoutingInfo
 from echomoe.moe.upcycle import select_layers
+from echomoe.utils.sizes import image_hw
 
 VISION_ROUTERS = ("expert_choice", "soft")
 
 Size = int | tuple[int, int]
-
-
-def _pair(size: Size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class ImageEncoder(nn.Module):
@@ -79,7 +76,7 @@ class ImageEncoder(nn.Module):
 
     def grid_size(self, image_size: Size | None = None) -> tuple[int, int]:
         """Patch grid ``(h, w)`` for an image of ``image_size`` (default: the trained size)."""
-        height, width = _pair(self.image_size if image_size is None else image_size)
+        height, width = image_hw(self.image_size if image_size is None else image_size)
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
                 f"image size {height}x{width} is not a multiple of the patch size "
@@ -363,7 +360,7 @@ class VisionTransformer(ImageEncoder):
         self.hidden_size = hidden_size
         self.patch_size = patch_size
         self.in_channels = in_channels
-        self.image_size = _pair(image_size)
+        self.image_size = image_hw(image_size)
         self.depth = depth
         self.num_prefix_tokens = 1 if class_token else 0
         grid = self.grid_size()
@@ -512,9 +509,9 @@ class HFVisionEncoder(ImageEncoder):
         _, self._interpolates = _hf_class(config.model_type)
         self.model = model
         self.hidden_size = config.hidden_size
-        self.patch_size = int(_pair(config.patch_size)[0])
+        self.patch_size = int(image_hw(config.patch_size, "patch_size")[0])
         self.in_channels = int(config.num_channels)
-        self.image_size = _pair(config.image_size)
+        self.image_size = image_hw(config.image_size)
         self.depth = config.num_hidden_layers
         registers = getattr(config, "num_register_tokens", 0) or 0
         self.num_prefix_tokens = 0 if config.model_type == "siglip_vision_model" else 1 + registers
