@@ -253,7 +253,7 @@ def test_dense_vs_moe_expansion():
     runs = load_sweep(CONFIGS / "sweeps" / "dense_vs_moe.yaml")
     families = ("report", "vqa", "grounding", "multitask")
     variants = ("dense", *EQUAL_ACTIVE_VARIANTS)
-    assert len(runs) == len(families) * len(variants) * 3 == 72
+    assert len(runs) == len(families) * len(variants) * 3 == 96
     expected = [f"{f}-{v}-seed{s}" for f in families for v in variants for s in range(3)]
     assert [name for name, _ in runs] == expected
     assert runs == load_sweep(CONFIGS / "sweeps" / "dense_vs_moe.yaml")  # deterministic
@@ -308,6 +308,22 @@ def test_demo_bias_sweep_is_the_demo_with_bias_balancing():
         assert bias["model"]["overrides"].pop("loss_weights") == {"moe_balance": 0.0}
         assert bias["model"]["overrides"].pop("moe_config") == {"bias_update_rate": 0.001}
         assert demo == bias, run
+
+
+def test_demo_modality_sweep_is_the_demo_topk_run_with_modality_routing():
+    demo = read_sweep(CONFIGS / "sweeps" / "demo.yaml")
+    sweep = read_sweep(CONFIGS / "sweeps" / "demo_modality.yaml")
+    variants = ("moe_modality", "moe_modality_region")
+    assert [n for n, _ in sweep.runs] == [f"{v}-seed{s}" for v in variants for s in (0, 1, 2)]
+    for run, _ in sweep.runs:
+        variant, seed = run.split("-")
+        mine, topk = (config_to_dict(c) for c in (sweep.load(run),
+                                                    demo.load(f"moe_topk-{seed}")))
+        assert mine["model"].pop("variant") == variant
+        assert topk["model"].pop("variant") == "moe_topk"
+        for cfg in (mine, topk):
+            cfg.pop("output_dir"), cfg.pop("name"), cfg["logging"].pop("group")
+        assert mine == topk, run
 
 
 def test_sweep_validation(tmp_path):

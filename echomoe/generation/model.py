@@ -96,7 +96,9 @@ class ImageGenerator(nn.Module):
         embeds = torch.cat([embeds, self.gen_token.to(embeds.dtype).expand(b, -1, -1)], dim=1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
         context = self.vlm.routing_context
-        with context.route(region_ids, token_mask=mask, compute_aux_losses=self.training):
+        # The request and the task token are text to a modality router (no image tokens).
+        with context.route(region_ids, token_mask=mask, token_types=torch.zeros_like(mask),
+                           compute_aux_losses=self.training):
             out = self.vlm.language_model(inputs_embeds=embeds, attention_mask=mask,
                                           output_hidden_states=True)
         self._aux = context.aux_losses() if self.training else {}

@@ -15,23 +15,30 @@ ViT 128 x 4, Qwen2 256 x 4, vocab 4096).
 Variants (:data:`VARIANTS`) fix the language model's FFNs (every decoder layer, ``layers="all"``;
 ``E = 4`` experts, ``k = 2`` per token; experts randomly initialised, ``upcycle=False``):
 
-=================== ==========================================================================
-``dense``           the LM's own MLPs (``moe_config=None``)
-``moe_topk``        token top-k router (Mixtral / Qwen2-MoE)
-``moe_shared``      top-k experts + a sigmoid-gated always-on shared expert (Qwen2-MoE)
-``moe_dual_path``   EchoVLM-like: a dense branch beside the routed experts, mixed per token by
-                    a ``Linear(D, 2)`` softmax
-``moe_region_hard`` each anatomical region owns a subset of the experts (top-k within it)
-``moe_region_soft`` top-k router plus a learned per-region logit bias and alignment loss
-``echovlm``         EchoVLM's block: each layer keeps its own MLP (the pretrained one when the LM
-                    comes from ``language_model_path``) as the dense branch and adds a
-                    Qwen2-MoE block beside it (4 experts, top-2, ``normalize_topk=False``,
-                    sigmoid-gated shared expert), mixed per token by ``Linear(D, 2)`` *with*
-                    bias; expert / shared widths in EchoVLM's proportion to the dense width
-                    (1408 and 5632 of Qwen2-VL-7B's 18944); balance-loss weight ``0.001 * k``
-                    (transformers' Qwen2-MoE loss is ``k`` times echomoe's), no z-loss.  *Not*
-                    equal-active: it adds the MoE block on top of the whole dense MLP.
-=================== ==========================================================================
+======================= ========================================================================
+``dense``               the LM's own MLPs (``moe_config=None``)
+``moe_topk``            token top-k router (Mixtral / Qwen2-MoE)
+``moe_shared``          top-k experts + a sigmoid-gated always-on shared expert (Qwen2-MoE)
+``moe_dual_path``       EchoVLM-like: a dense branch beside the routed experts, mixed per
+                        token by a ``Linear(D, 2)`` softmax
+``moe_region_hard``     each anatomical region owns a subset of the experts (top-k within it)
+``moe_region_soft``     top-k router plus a learned per-region logit bias and alignment loss
+``moe_modality``        UniMedVL-like hard routing by token type: experts 0-1 serve text
+                        tokens, 2-3 image tokens (top-2 within the group: each modality has
+                        its own FFN weights, a mixture-of-transformers FFN)
+``moe_modality_region`` ``E = 8``: text tokens take top-2 of experts 0-3, image tokens
+                        top-2 of their region's experts among 4-7 (the region-hard rule
+                        inside the image group)
+``echovlm``             EchoVLM's block: each layer keeps its own MLP (the pretrained one when
+                        the LM comes from ``language_model_path``) as the dense branch and adds
+                        a Qwen2-MoE block beside it (4 experts, top-2, ``normalize_topk=False``,
+                        sigmoid-gated shared expert), mixed per token by ``Linear(D, 2)`` *with*
+                        bias; expert / shared widths in EchoVLM's proportion to the dense width
+                        (1408 and 5632 of Qwen2-VL-7B's 18944); balance-loss weight
+                        ``0.001 * k`` (transformers' Qwen2-MoE loss is ``k`` times echomoe's), no
+                        z-loss.  *Not* equal-active: it adds the MoE block on top of the whole
+                        dense MLP.
+======================= ========================================================================
 
 **Equal active parameters per token.**  With the dense MLP width ``F`` of the preset, a shared
 expert of width ``S = F / 4`` (``moe_shared``) and a dense branch of width ``F_d = F / 2``
@@ -92,6 +99,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "moe_dual_path": {**_MOE_COMMON, "router": "topk", "dense_branch_fraction": 0.5},
     "moe_region_hard": {**_MOE_COMMON, "router": "region_hard"},
     "moe_region_soft": {**_MOE_COMMON, "router": "region_soft"},
+    "moe_modality": {**_MOE_COMMON, "router": "modality"},
+    "moe_modality_region": {**_MOE_COMMON, "router": "modality_region", "num_experts": 8},
     "echovlm": {**_MOE_COMMON, "router": "topk", "normalize_topk": False, "keep_dense": True,
                 "path_mixer_bias": True, "expert_fraction": 1408 / 18944,
                 "shared_expert_fraction": 5632 / 18944},
@@ -100,7 +109,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 ``*_fraction`` are shares of the dense width ``F``)."""
 
 EQUAL_ACTIVE_VARIANTS = ("moe_topk", "moe_shared", "moe_dual_path", "moe_region_hard",
-                         "moe_region_soft")
+                         "moe_region_soft", "moe_modality", "moe_modality_region")
 """The MoE variants whose active FFN parameters per token equal ``dense``'s."""
 
 VARIANT_LOSS_WEIGHTS: dict[str, dict[str, Any]] = {

@@ -245,9 +245,12 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
     def routes_by_region(self) -> bool:
         """Whether a router reads the region ids (region-hard / region-soft routing); such
         models are evaluated with predicted regions and, separately, with the oracle."""
+        from echomoe.moe.modality import ModalityRouter
         from echomoe.moe.routers import RegionHardRouter, RegionSoftRouter
 
-        return any(isinstance(m, RegionHardRouter | RegionSoftRouter) for m in self.modules())
+        return any(isinstance(m, RegionHardRouter | RegionSoftRouter)
+                   or (isinstance(m, ModalityRouter) and m.route_regions)
+                   for m in self.modules())
 
     @property
     def tokens_per_image(self) -> int:
@@ -396,6 +399,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         supervised = labels is not None or grounding
         with self.routing_context.route(
             region_ids, token_mask=attention_mask,
+            token_types=(input_ids == self.config.image_token_id).long(),
             compute_aux_losses=supervised or torch.is_grad_enabled(),
         ):
             out = self.language_model(

@@ -33,6 +33,7 @@ from echomoe.moe.experts import (
 from echomoe.moe.layer import DenseFFN, MoELayer, MoEOutput, RoutingInfo, SharedExpert
 from echomoe.moe.losses import load_balancing_loss, region_alignment_loss, router_z_loss
 from echomoe.moe.mlp import MLP, GatedMLP
+from echomoe.moe.modality import ModalityRouter, split_experts
 from echomoe.moe.registry import Registry
 from echomoe.moe.routers import (
     ExpertChoiceOutput,
@@ -58,6 +59,7 @@ __all__ = [
     "GatedMLP",
     "GroupedExperts",
     "MLP",
+    "ModalityRouter",
     "MoEAdapter",
     "MoELayer",
     "MoEOutput",
@@ -81,5 +83,6 @@ __all__ = [
     "moefy",
     "region_alignment_loss",
     "router_z_loss",
+    "split_experts",
     "upcycle_ffn",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 from echomoe.moe.experts import GroupedExperts
 from echomoe.moe.layer import DenseFFN, MoELayer, SharedExpert
 from echomoe.moe.mlp import make_mlp
+from echomoe.moe.modality import ModalityRouter
 from echomoe.moe.registry import Registry
 from echomoe.moe.routers import (
     ExpertChoiceRouter,
@@ -42,6 +43,7 @@ class RouterSpec:
     capacity_factor: float | None = None
     bias_update_rate: float = 0.0
     slots_per_expert: int = 1
+    image_experts: int | Sequence[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,14 @@ class RouterEntry:
         causal: a token's routing depends on that token only (usable in a causal LM).
         bias_balancing: supports ``bias_update_rate`` (auxiliary-loss-free balancing).
         layer: ``build`` returns the whole layer.
+        modality: routes by token type (``image_experts`` applies).
     """
 
     build: Callable[[RouterSpec, GroupedExperts], nn.Module]
     causal: bool
     bias_balancing: bool = False
     layer: bool = False
+    modality: bool = False
 
 
 def _topk(spec: RouterSpec, experts: GroupedExperts) -> nn.Module:
@@ -87,6 +91,18 @@ def _expert_choice(spec: RouterSpec, experts: GroupedExperts) -> nn.Module:
                               num_regions=spec.num_regions)
 
 
+def _modality(route_regions: bool) -> Callable[[RouterSpec, GroupedExperts], nn.Module]:
+    def build(spec: RouterSpec, experts: GroupedExperts) -> nn.Module:
+        return ModalityRouter(spec.hidden_size, spec.num_experts, spec.top_k,
+                              image_experts=spec.image_experts, route_regions=route_regions,
+                              region_experts=spec.region_experts if route_regions else None,
+                              num_regions=spec.num_regions, normalize=spec.normalize,
+                              jitter=spec.jitter, capacity_factor=spec.capacity_factor)
+
+    build.__name__ = "_modality_region" if route_regions else "_modality"
+    return build
+
+
 def _soft(spec: RouterSpec, experts: GroupedExperts) -> nn.Module:
     return SoftMoE(experts=experts, slots_per_expert=spec.slots_per_expert,
                    num_regions=spec.num_regions)
@@ -99,6 +115,8 @@ ROUTERS.register("region_hard", RouterEntry(_region(RegionHardRouter), causal=Tr
                                             bias_balancing=True))
 ROUTERS.register("region_soft", RouterEntry(_region(RegionSoftRouter), causal=True,
                                             bias_balancing=True))
+ROUTERS.register("modality", RouterEntry(_modality(False), causal=True, modality=True))
+ROUTERS.register("modality_region", RouterEntry(_modality(True), causal=True, modality=True))
 ROUTERS.register("expert_choice", RouterEntry(_expert_choice, causal=False))
 ROUTERS.register("soft", RouterEntry(_soft, causal=False, layer=True))
 
@@ -133,6 +151,7 @@ def build_moe_layer(
     causal: bool = False,
     bias_update_rate: float = 0.0,
     path_mixer_bias: bool = False,
+    image_experts: int | Sequence[int] | None = None,
 ) -> nn.Module:
     """Build an MoE feed-forward layer: the router from :data:`ROUTERS`, the experts with a
     backend from :data:`~echomoe.moe.experts.EXPERT_BACKENDS`, plus the optional shared expert
@@ -161,6 +180,9 @@ def build_moe_layer(
             ``bias_balancing``: ``topk``, the region routers; see
             :class:`~echomoe.moe.routers.TopKRouter`); 0 = off.
         path_mixer_bias: give the dual path's ``Linear(D, 2)`` mixer a bias (as EchoVLM).
+        image_experts: the image expert group of the ``modality`` / ``modality_region``
+            routers (a count taken from the end, or expert ids; default half);
+            see :func:`~echomoe.moe.modality.split_experts`.
 
     Returns an :class:`~echomoe.moe.layer.MoELayer` (or :class:`~echomoe.moe.soft_moe.SoftMoE`
     for ``router="soft"``) exposing ``router.weight [E, D]`` and ``experts.gate_up_proj
@@ -176,13 +198,17 @@ def build_moe_layer(
         raise ValueError(f"bias_update_rate applies to token-choice routers "
                          f"({', '.join(n for n, e in ROUTERS.items() if e.bias_balancing)}), "
                          f"not {router!r}")
+    if image_experts is not None and not entry.modality:
+        raise ValueError(f"image_experts applies to the modality routers "
+                         f"({', '.join(n for n, e in ROUTERS.items() if e.modality)}), "
+                         f"not {router!r}")
     experts = GroupedExperts(
         num_experts, hidden_size, intermediate_size, activation=activation, backend=backend
     )
     spec = RouterSpec(hidden_size, num_experts, top_k, num_regions=num_regions,
                       normalize=normalize_topk, region_experts=region_experts, jitter=jitter,
                       capacity_factor=capacity_factor, bias_update_rate=bias_update_rate,
-                      slots_per_expert=slots_per_expert)
+                      slots_per_expert=slots_per_expert, image_experts=image_experts)
     if entry.layer:
         return entry.build(spec, experts)
     shared = None

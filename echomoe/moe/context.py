@@ -30,11 +30,13 @@ from echomoe.moe.layer import MoEOutput, RoutingInfo
 
 
 class RoutingContext:
-    """Carries region ids into MoE layers and collects their aux losses and routing."""
+    """Carries region ids (and token types) into MoE layers and collects their aux losses and
+    routing."""
 
     def __init__(self) -> None:
         self.region_ids: Tensor | None = None
         self.token_mask: Tensor | None = None
+        self.token_types: Tensor | None = None
         self.compute_aux_losses = True
         self.records: dict[str, MoEOutput] = {}
 
@@ -44,6 +46,7 @@ class RoutingContext:
         region_ids: Tensor | None,
         token_mask: Tensor | None = None,
         *,
+        token_types: Tensor | None = None,
         compute_aux_losses: bool = True,
     ) -> Iterator[RoutingContext]:
         """Route every forward inside the block with ``region_ids (B,)``; clears old records.
@@ -51,17 +54,21 @@ class RoutingContext:
         ``token_mask`` (the attention mask, ``(B, L)``) keeps padding away from the experts and
         out of the aux losses; with a KV cache its last ``T`` columns belong to the ``T`` tokens
         of the current forward.
+        ``token_types`` ``(B, T)`` marks the current forward's tokens ``0`` text, ``1`` image
+        (``-1`` unknown) for modality routers; unlike the mask it covers the current tokens
+        only (the VLM derives it from the forward's ``input_ids``).
         ``compute_aux_losses=False`` skips the routers' aux losses (then :meth:`aux_losses` is
         empty): for inference, e.g. each step of ``generate()``.
         """
-        previous = self.region_ids, self.token_mask, self.compute_aux_losses
-        self.region_ids, self.token_mask = region_ids, token_mask
+        previous = self.region_ids, self.token_mask, self.token_types, self.compute_aux_losses
+        self.region_ids, self.token_mask, self.token_types = region_ids, token_mask, token_types
         self.compute_aux_losses = compute_aux_losses
         self.records = {}
         try:
             yield self
         finally:
-            self.region_ids, self.token_mask, self.compute_aux_losses = previous
+            (self.region_ids, self.token_mask, self.token_types,
+             self.compute_aux_losses) = previous
 
     def region_ids_for(self, batch_size: int) -> Tensor | None:
         """The region ids for a batch of ``batch_size`` rows.
@@ -95,6 +102,22 @@ class RoutingContext:
                 f"token mask covers {mask.shape[1]} positions but the forward has {num_tokens}"
             )
         return mask[:, mask.shape[1] - num_tokens:]
+
+    def token_types_for(self, batch_size: int, num_tokens: int) -> Tensor | None:
+        """The ``(batch_size, num_tokens)`` token types of the current forward, or ``None``
+        (rows repeated for beams as :meth:`region_ids_for` does)."""
+        types = self.token_types
+        if types is None:
+            return None
+        if types.shape[0] != batch_size:
+            if not types.shape[0] or batch_size % types.shape[0]:
+                raise ValueError(f"routing context holds token types for {types.shape[0]} rows "
+                                 f"but the batch has {batch_size}")
+            types = types.repeat_interleave(batch_size // types.shape[0], dim=0)
+        if types.shape[1] != num_tokens:
+            raise ValueError(f"routing context holds token types for {types.shape[1]} positions "
+                             f"but the forward has {num_tokens}")
+        return types
 
     def record(self, name: str, output: MoEOutput) -> None:
         """Keep the :class:`MoEOutput` of the MoE layer ``name`` from the current forward."""
@@ -133,6 +156,7 @@ class MoEAdapter(nn.Module):
         context = self.context
         region_ids = context.region_ids_for(b)
         out = self.moe(hidden_states, region_ids, context.token_mask_for(b, t),
-                       aux_losses=context.compute_aux_losses)
+                       aux_losses=context.compute_aux_losses,
+                       token_types=context.token_types_for(b, t))
         context.record(self.name, out)
         return out.hidden_states

@@ -116,6 +116,7 @@ class DenseFFN(nn.Module):
         token_mask: Tensor | None = None,
         *,
         aux_losses: bool = True,
+        token_types: Tensor | None = None,
     ) -> MoEOutput:
         """``(B, T, D) -> MoEOutput``; the other arguments are accepted, unused."""
         return MoEOutput(self.mlp(hidden_states))
@@ -190,6 +191,7 @@ class MoELayer(nn.Module):
         token_mask: Tensor | None = None,
         *,
         aux_losses: bool = True,
+        token_types: Tensor | None = None,
     ) -> MoEOutput:
         """Route ``hidden_states (B, T, D)``.
 
@@ -200,6 +202,9 @@ class MoELayer(nn.Module):
                 it), takes no capacity, and is excluded from the auxiliary losses.
             aux_losses: compute the router's auxiliary losses (``False``: the output's
                 ``aux_losses`` is empty; for inference, where nothing reads them).
+            token_types: ``(B, T)`` per token ``0`` text, ``1`` image, ``-1`` unknown, for
+                routers that route by modality (:class:`~echomoe.moe.modality.ModalityRouter`);
+                others ignore it.
         """
         regions = token_regions(
             "MoELayer", hidden_states, self.hidden_size, region_ids, self.num_regions
@@ -214,7 +219,16 @@ class MoELayer(nn.Module):
                     f"got {tuple(token_mask.shape)}"
                 )
             flat_mask = token_mask.to(device=x.device, dtype=torch.bool).reshape(b * t)
-        routed = self.router(x, regions, flat_mask, aux_losses=aux_losses)
+        flat_types = None
+        if token_types is not None:
+            if token_types.shape != (b, t):
+                raise ValueError(
+                    f"token_types must have shape (batch, tokens) = ({b}, {t}), "
+                    f"got {tuple(token_types.shape)}"
+                )
+            flat_types = token_types.to(x.device).reshape(b * t)
+        routed = self.router(x, regions, flat_mask, aux_losses=aux_losses,
+                             token_types=flat_types)
         if isinstance(routed, ExpertChoiceOutput):
             y, info = self._expert_choice(x, routed, regions, flat_mask)
         else:

@@ -231,8 +231,10 @@ class TopKRouter(nn.Module):
         """Experts each token is sent to (``k``)."""
         return float(self.top_k)
 
-    def compute_logits(self, x: Tensor, region_ids: Tensor | None) -> Tensor:
-        """``(N, D) -> (N, E)`` fp32 logits. Subclasses add region terms here.
+    def compute_logits(self, x: Tensor, region_ids: Tensor | None,
+                       token_types: Tensor | None = None) -> Tensor:
+        """``(N, D) -> (N, E)`` fp32 logits. Subclasses add region (or token-type) terms here;
+        ``token_types (N,)`` is read by :class:`~echomoe.moe.modality.ModalityRouter` only.
 
         The logits are stored expert-major (a transposed view of an ``(E, N)`` tensor): with few
         experts, softmax, top-k and the losses over ``E`` then run along contiguous memory,
@@ -253,8 +255,10 @@ class TopKRouter(nn.Module):
         token_mask: Tensor | None = None,
         *,
         aux_losses: bool = True,
+        token_types: Tensor | None = None,
     ) -> RouterOutput:
-        """Route ``x (N, D)``; ``region_ids (N,)`` or ``None``.
+        """Route ``x (N, D)``; ``region_ids (N,)`` and ``token_types (N,)`` (0 text, 1 image,
+        -1 unknown; used by routers that route by modality) or ``None``.
 
         ``token_mask (N,)`` bool marks real tokens.  Padding (``False``) is sent to no expert
         (``expert_ids`` ``-1``, weight 0: no expert compute, no capacity, not counted as
@@ -269,7 +273,8 @@ class TopKRouter(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         if token_mask is not None and x.device.type == "cpu" and bool(token_mask.all()):
             token_mask = None  # no padding: skip the masking (cheap check on the CPU)
-        logits_t = self.compute_logits(x, region_ids).t().contiguous()  # (E, N), see there
+        # (E, N), see compute_logits
+        logits_t = self.compute_logits(x, region_ids, token_types).t().contiguous()
         probs_t = logits_t.softmax(dim=0)
         # Select on logits, not probs: a masked (-inf) expert must never tie with an allowed
         # expert whose probability underflowed to 0.
@@ -390,7 +395,8 @@ class RegionHardRouter(_RegionRouter):
 
     supports_bias_balancing = False
 
-    def compute_logits(self, x: Tensor, region_ids: Tensor | None) -> Tensor:
+    def compute_logits(self, x: Tensor, region_ids: Tensor | None,
+                       token_types: Tensor | None = None) -> Tensor:
         logits = super().compute_logits(x, region_ids)
         if region_ids is None:
             return logits
@@ -411,7 +417,8 @@ class RegionSoftRouter(_RegionRouter):
 
     learns_region_bias = True
 
-    def compute_logits(self, x: Tensor, region_ids: Tensor | None) -> Tensor:
+    def compute_logits(self, x: Tensor, region_ids: Tensor | None,
+                       token_types: Tensor | None = None) -> Tensor:
         logits = super().compute_logits(x, region_ids)
         if region_ids is None:
             return logits
@@ -475,8 +482,10 @@ class ExpertChoiceRouter(nn.Module):
         token_mask: Tensor | None = None,
         *,
         aux_losses: bool = True,
+        token_types: Tensor | None = None,
     ) -> ExpertChoiceOutput:
-        """Route ``x (N, D)``; region ids are accepted for statistics but not used.
+        """Route ``x (N, D)``; region ids are accepted for statistics, token types for the
+        common router signature; neither is used.
 
         ``token_mask (N,)``: tokens marked ``False`` (padding) are picked only after every
         real token, with weight 0, and are left out of the z-loss.  ``aux_losses=False`` skips

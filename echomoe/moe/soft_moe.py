@@ -60,11 +60,12 @@ class SoftMoE(nn.Module):
         token_mask: Tensor | None = None,
         *,
         aux_losses: bool = True,
+        token_types: Tensor | None = None,
     ) -> MoEOutput:
         """``(B, T, D) -> MoEOutput``; region ids (``(B,)``) only feed statistics.
 
-        ``token_mask`` and ``aux_losses`` are accepted for a uniform call signature; soft MoE
-        has no aux losses.
+        ``token_mask``, ``aux_losses`` and ``token_types`` are accepted for a uniform call
+        signature; soft MoE has no aux losses.
         """
         regions = token_regions(
             "SoftMoE", hidden_states, self.hidden_size, region_ids, self.num_regions
