@@ -1,4 +1,4 @@
-"""The ``echomoe`` command line: ``echomoe {info,synth,data,config,train} ...``.
+"""The ``echomoe`` command line: ``echomoe {info,synth,data,config,train,compare} ...``.
 
 Each subcommand is a thin wrapper around a library function, so everything it does can also be
 done from Python:
@@ -7,7 +7,9 @@ done from Python:
 * ``synth`` -- :func:`echomoe.data.synthetic.generate.build_dataset_dict` + ``save_preview``;
 * ``data`` -- :func:`echomoe.data.formats.convert.convert` (a real source -> ``DatasetDict``);
 * ``config`` -- :func:`echomoe.config.main` (validate and print an experiment or a sweep);
-* ``train`` -- :func:`echomoe.config.load_config` + :func:`echomoe.train.experiment.run_experiment`.
+* ``train`` -- :func:`echomoe.config.load_config` + :func:`echomoe.train.experiment.run_experiment`;
+* ``compare`` -- :func:`echomoe.train.sweep.collect_results` +
+  :func:`echomoe.train.comparison.comparison_markdown` (finished runs of any sweeps, one table).
 
 Sweeps, evaluation and benchmarks have their own scripts (``experiments/sweep.py``,
 ``experiments/evaluate.py``, ``experiments/benchmarks/``).  Heavy modules (datasets, wandb,
@@ -31,6 +33,7 @@ examples:
   echomoe config configs/experiments/report.yaml model.variant=moe_region_soft
   echomoe config configs/sweeps/demo.yaml
   echomoe train configs/experiments/multitask.yaml model.variant=moe_region_hard train.steps=200
+  echomoe compare results/demo results/demo_modality --reference moe_topk
 
 more:
   python experiments/sweep.py configs/sweeps/demo.yaml --out results/demo   (what `make demo` runs)
@@ -117,6 +120,46 @@ def _config(args: argparse.Namespace) -> int:
     from echomoe.config import main as config_main
 
     return config_main([args.file, *args.overrides])
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from echomoe.train.comparison import comparison_markdown, run_label
+    from echomoe.train.sweep import collect_results
+
+    runs, seen = [], set()
+    for source in args.runs:
+        found = collect_results(source)
+        if not found:
+            print(f"error: {source}: no finished run (no summary.json in it or its "
+                  "sub-directories)", file=sys.stderr)
+            return 1
+        for run in found:  # a run named twice (itself and its folder) counts once
+            key = Path(run["run_dir"]).resolve()
+            if key not in seen:
+                seen.add(key)
+                runs.append(run)
+    labels = sorted({run_label(r) for r in runs})
+    if args.variants:
+        missing = sorted(set(args.variants) - set(labels))
+        if missing:
+            print(f"error: no runs of {', '.join(missing)}; found: {', '.join(labels)}",
+                  file=sys.stderr)
+            return 1
+        runs = [r for r in runs if run_label(r) in args.variants]
+    if args.reference not in {run_label(r) for r in runs}:
+        print(f"error: reference {args.reference!r} has no runs; found: {', '.join(labels)}",
+              file=sys.stderr)
+        return 1
+    text = "# Comparison\n\n" + comparison_markdown(runs, reference=args.reference,
+                                                     num_resamples=args.resamples)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out} ({len(runs)} runs)")
+    else:
+        print(text)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -295,6 +338,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true",
                        help="hide the progress bars (default: shown)")
     train.set_defaults(func=_train)
+
+    compare = sub.add_parser(
+        "compare", help="one comparison table (priors, significance, per region) of finished runs",
+        description=_wrap(
+            "Tabulate the finished runs found in RUN (run directories, or folders of them such "
+            "as a sweep's --out) as make demo's comparison.md does: priors, blind, variant and "
+            "oracle rows with parameter counts, paired bootstrap CIs of each variant against "
+            "the reference and against the per-region prior, and per-region tables.  Runs of "
+            "several sweeps with the same data compare side by side.  Exit status 1 when a "
+            "folder holds no finished run or the reference has none."),
+        epilog="example:\n"
+               "  echomoe compare results/demo results/demo_modality --reference moe_topk \\\n"
+               "      --variants dense moe_topk moe_modality --out comparison.md",
+        formatter_class=formatter)
+    compare.add_argument("runs", nargs="+", metavar="RUN",
+                         help="run directories or folders of runs (summary.json inside)")
+    compare.add_argument("--reference", default="dense",
+                         help="the run label differences are taken against (default: dense)")
+    compare.add_argument("--variants", nargs="+", metavar="LABEL", default=None,
+                         help="only these run labels, e.g. dense 'dense (blind)' (default: all)")
+    compare.add_argument("--resamples", type=_positive_int, default=2000, metavar="N",
+                         help="bootstrap resamples (default: %(default)s)")
+    compare.add_argument("--out", default=None, metavar="FILE",
+                         help="write the markdown here (default: print it)")
+    compare.set_defaults(func=_compare)
     return parser
 
 

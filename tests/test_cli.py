@@ -14,7 +14,7 @@ import pytest
 from echomoe.cli import build_parser, main
 
 REPO = Path(__file__).parents[1]
-COMMANDS = ("info", "synth", "data", "config", "train")
+COMMANDS = ("info", "synth", "data", "config", "train", "compare")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

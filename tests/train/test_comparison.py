@@ -116,3 +116,30 @@ def test_significance_marks_the_real_difference_only(runs):
     assert "## Per region: Dice" in text and "| breast |" in text
     with pytest.raises(ValueError, match="reference variant 'nope'"):
         comparison_markdown(runs, reference="nope")
+
+
+def test_echomoe_compare_tabulates_runs_of_several_folders(runs, tmp_path, capsys):
+    from echomoe.cli import main
+
+    for run in runs:
+        Path(run["run_dir"], "summary.json").write_text(json.dumps(run))
+    dense = sorted(str(Path(r["run_dir"])) for r in runs if r["variant"] == "dense"
+                   and not r["blind"])
+    out = tmp_path / "comparison.md"
+    status = main(["compare", *dense, str(tmp_path), "--reference", "moe_region_soft",
+                   "--variants", "dense", "moe_region_soft", "--resamples", "200",
+                   "--out", str(out)])
+    assert status == 0
+    text = out.read_text()
+    assert text.startswith("# Comparison") and "dense − moe_region_soft" in text
+    assert "| dense (blind) |" not in text and "| dense | 0, 1 |" in text
+    assert "(4 runs)" in capsys.readouterr().out  # the dense dirs are in the root too: once
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["compare", str(empty)]) == 1
+    assert "no finished run" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path), "--variants", "moe_topk"]) == 1
+    assert "no runs of moe_topk; found: dense, dense (blind), moe_region_soft" in \
+        capsys.readouterr().err
+    assert main(["compare", str(tmp_path), "--reference", "nope"]) == 1
+    assert "reference 'nope' has no runs" in capsys.readouterr().err
