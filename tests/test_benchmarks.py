@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from echomoe.models.builders import EQUAL_ACTIVE_VARIANTS
+
 BENCH_DIR = Path(__file__).parents[1] / "experiments" / "benchmarks"
 
 
@@ -192,11 +194,15 @@ def test_upcycle_fidelity_benchmark(bench, tmp_path):
                                               "8", "--out", str(out)])
     _check_common(payload, "upcycle_fidelity", out)
     rows = {(r["case"], r["router_init"]): r for r in payload["results"]}
-    assert len(rows) == 2 * 7  # 5 equal-active variants + copies + MoEfication, 2 router inits
+    # every equal-active variant + copies + MoEfication, 2 router inits
+    assert len(rows) == 2 * (len(EQUAL_ACTIVE_VARIANTS) + 2) == 2 * 9
     for init in ("moefy", "random"):
         assert rows[("moe_topk (copies)", init)]["ffn_rel_err_max"] < 1e-6
     # exact by construction: each region's group holds every slice once, uniform weights
     assert rows[("moe_region_hard (F/k slices)", "moefy")]["ffn_rel_err_max"] < 1e-5
+    # the same for each modality's group of k experts (and its region groups)
+    for variant in ("moe_modality", "moe_modality_region"):
+        assert rows[(f"{variant} (F/k slices)", "moefy")]["ffn_rel_err_max"] < 1e-5
     assert rows[("moe_topk (MoEfication)", "moefy")]["ffn_rel_err_mean"] > 0.5
     assert rows[("moe_region_hard (F/k slices)", "random")]["ffn_rel_err_mean"] > 1e-3
     _check_readme_update(bench, payload, tmp_path)

@@ -246,12 +246,14 @@ def qwen2_reference_pair(
 
 
 def upcycle_fidelity(dense_lm: nn.Module, input_ids: Tensor, region_ids: Tensor | None,
-                     *, random_router: bool = False, **moefy_kwargs) -> dict[str, float]:
+                     *, random_router: bool = False, token_types: Tensor | None = None,
+                     **moefy_kwargs) -> dict[str, float]:
     """How closely an upcycled copy of ``dense_lm`` reproduces it at its first forward.
 
     Converts a deep copy with :func:`~echomoe.moe.upcycle.moefy` (``upcycle=True``,
     ``moefy_kwargs``; ``random_router`` re-draws the routers ``N(0, 0.02^2)`` after upcycling,
-    as an untrained router would be), runs both on ``input_ids`` and returns:
+    as an untrained router would be), runs both on ``input_ids`` (routed with ``region_ids``
+    and the ``(B, T)`` ``token_types``, 0 text / 1 image, for modality routers) and returns:
 
     * ``ffn_rel_err_mean`` / ``ffn_rel_err_max``: over layers, ``|moe(x) - mlp(x)| / |mlp(x)|``
       with both applied to the *same* input ``x`` (the converted layer's input);
@@ -285,7 +287,7 @@ def upcycle_fidelity(dense_lm: nn.Module, input_ids: Tensor, region_ids: Tensor 
         hooks.append(layer.mlp.register_forward_hook(record))
     with torch.no_grad():
         ref = dense_lm(input_ids, labels=input_ids)
-        with context.route(region_ids):
+        with context.route(region_ids, token_types=token_types):
             out = converted(input_ids, labels=input_ids)
     for hook in hooks:
         hook.remove()

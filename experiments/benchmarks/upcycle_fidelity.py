@@ -44,10 +44,13 @@ def run(preset: str, batch: int, seq_len: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, lm.config.vocab_size, (batch, seq_len), generator=gen)
     regions = torch.arange(batch) % 7
+    types = torch.zeros_like(ids)
+    types[:, : seq_len // 4] = 1  # a VLM prompt opens with its image tokens
     results = []
     for label, kwargs in cases(preset):
         for random_router in (False, True):
-            figures = upcycle_fidelity(lm, ids, regions, random_router=random_router, **kwargs)
+            figures = upcycle_fidelity(lm, ids, regions, random_router=random_router,
+                                       token_types=types, **kwargs)
             results.append({"case": label, "router_init": "random" if random_router else "moefy",
                             **figures})
     return {"benchmark": "upcycle_fidelity", "preset": preset, "batch": batch,

@@ -86,7 +86,7 @@ def test_expansion_counts_dry_run(tmp_path):
     assert all(r["status"] == "pending" for r in demo)
     assert _value(demo[0]["overrides"], "output_dir") == str(tmp_path / "dense-seed0")
     big = run_sweep(DENSE_VS_MOE, out_dir=tmp_path, dry_run=True)
-    assert len(big) == 4 * 6 * 3 == 72
+    assert len(big) == 4 * 8 * 3 == 96
     assert big[0]["axes"] == {"family": "report", "model.variant": "dense", "train.seed": "seed0"}
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
     assert sweep_group_by(DENSE_VS_MOE) == ("group", "family", "variant")
