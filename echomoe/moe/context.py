@@ -29,6 +29,17 @@ from torch import Tensor, nn
 from echomoe.moe.layer import MoEOutput, RoutingInfo
 
 
+def _rows_for(values: Tensor | None, what: str, batch_size: int) -> Tensor | None:
+    """``values`` (one row per sample) for a batch of ``batch_size`` rows: ``generate()`` with
+    beams or several return sequences repeats each sample's rows contiguously, and so does this."""
+    if values is None or values.shape[0] == batch_size:
+        return values
+    if values.shape[0] and batch_size % values.shape[0] == 0:
+        return values.repeat_interleave(batch_size // values.shape[0], dim=0)
+    raise ValueError(f"routing context holds {what} for {values.shape[0]} rows but the batch has "
+                     f"{batch_size}")
+
+
 class RoutingContext:
     """Carries region ids (and token types) into MoE layers and collects their aux losses and
     routing."""
@@ -76,27 +87,13 @@ class RoutingContext:
         ``generate()`` with beams or several return sequences repeats each sample's rows
         contiguously; region ids are repeated the same way.
         """
-        ids = self.region_ids
-        if ids is None or ids.shape[0] == batch_size:
-            return ids
-        if ids.shape[0] and batch_size % ids.shape[0] == 0:
-            return ids.repeat_interleave(batch_size // ids.shape[0])
-        raise ValueError(
-            f"routing context holds {ids.shape[0]} region ids but the batch has {batch_size} rows"
-        )
+        return _rows_for(self.region_ids, "region ids", batch_size)
 
     def token_mask_for(self, batch_size: int, num_tokens: int) -> Tensor | None:
         """The ``(batch_size, num_tokens)`` mask of the current forward, or ``None``."""
-        mask = self.token_mask
+        mask = _rows_for(self.token_mask, "a token mask", batch_size)
         if mask is None:
             return None
-        if mask.shape[0] != batch_size:
-            if not mask.shape[0] or batch_size % mask.shape[0]:
-                raise ValueError(
-                    f"routing context holds a token mask for {mask.shape[0]} rows but the batch "
-                    f"has {batch_size}"
-                )
-            mask = mask.repeat_interleave(batch_size // mask.shape[0], dim=0)
         if mask.shape[1] < num_tokens:
             raise ValueError(
                 f"token mask covers {mask.shape[1]} positions but the forward has {num_tokens}"
@@ -106,14 +103,9 @@ class RoutingContext:
     def token_types_for(self, batch_size: int, num_tokens: int) -> Tensor | None:
         """The ``(batch_size, num_tokens)`` token types of the current forward, or ``None``
         (rows repeated for beams as :meth:`region_ids_for` does)."""
-        types = self.token_types
+        types = _rows_for(self.token_types, "token types", batch_size)
         if types is None:
             return None
-        if types.shape[0] != batch_size:
-            if not types.shape[0] or batch_size % types.shape[0]:
-                raise ValueError(f"routing context holds token types for {types.shape[0]} rows "
-                                 f"but the batch has {batch_size}")
-            types = types.repeat_interleave(batch_size // types.shape[0], dim=0)
         if types.shape[1] != num_tokens:
             raise ValueError(f"routing context holds token types for {types.shape[1]} positions "
                              f"but the forward has {num_tokens}")

@@ -211,22 +211,8 @@ class MoELayer(nn.Module):
         )  # (N,) or None
         b, t, d = hidden_states.shape
         x = hidden_states.reshape(b * t, d)
-        flat_mask = None
-        if token_mask is not None:
-            if token_mask.shape != (b, t):
-                raise ValueError(
-                    f"token_mask must have shape (batch, tokens) = ({b}, {t}), "
-                    f"got {tuple(token_mask.shape)}"
-                )
-            flat_mask = token_mask.to(device=x.device, dtype=torch.bool).reshape(b * t)
-        flat_types = None
-        if token_types is not None:
-            if token_types.shape != (b, t):
-                raise ValueError(
-                    f"token_types must have shape (batch, tokens) = ({b}, {t}), "
-                    f"got {tuple(token_types.shape)}"
-                )
-            flat_types = token_types.to(x.device).reshape(b * t)
+        flat_mask = _per_token("token_mask", token_mask, b, t, x.device, torch.bool)
+        flat_types = _per_token("token_types", token_types, b, t, x.device)
         routed = self.router(x, regions, flat_mask, aux_losses=aux_losses,
                              token_types=flat_types)
         if isinstance(routed, ExpertChoiceOutput):
@@ -276,3 +262,14 @@ class MoELayer(nn.Module):
             chosen, weights, routed.probs.detach(), regions, num_experts, dropped
         )
         return out, info
+
+
+def _per_token(name: str, values: Tensor | None, b: int, t: int, device: torch.device,
+               dtype: torch.dtype | None = None) -> Tensor | None:
+    """A ``(B, T)`` per-token tensor flattened to ``(B * T,)`` on ``device`` (``None`` passes)."""
+    if values is None:
+        return None
+    if values.shape != (b, t):
+        raise ValueError(f"{name} must have shape (batch, tokens) = ({b}, {t}), "
+                         f"got {tuple(values.shape)}")
+    return values.to(device=device, dtype=dtype).reshape(b * t)

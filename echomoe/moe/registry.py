@@ -3,14 +3,16 @@
 A :class:`Registry` maps a name to an entry of one kind (every entry has the same signature),
 like transformers' ``AttentionInterface`` / ``ExpertsInterface``::
 
-    from echomoe.moe import EXPERT_BACKENDS, ROUTERS
+    from echomoe.moe import EXPERT_BACKENDS, ExpertBackend
 
-    @EXPERT_BACKENDS.register("my_kernel")
     def my_kernel(experts, x, expert_ids, weights):      # (N, D), (N, k), (N, k) -> (N, D)
         ...
 
+    EXPERT_BACKENDS.register("my_kernel", ExpertBackend(my_kernel))
     build_moe_layer(64, 32, num_experts=8, top_k=2, backend="my_kernel")
 
+``register(name)`` without an entry is a decorator, for registries whose entries are the
+decorated objects themselves.
 An unknown name is a ``ValueError`` that lists the registered ones.
 """
 
