@@ -187,7 +187,9 @@ class TrainSection:
     is chosen by ``metric`` (``mode`` ``min`` / ``max``); ``keep_last`` ``step_*``
     checkpoints are kept.
     ``group_by_length``: batch training samples of similar sequence length together (far
-    less padding; see :class:`~echomoe.train.MultiTaskBatches`).  ``precision``
+    less padding; see :class:`~echomoe.train.MultiTaskBatches`).  ``pack_turns``: fill each
+    training row's padding with further turns about the same image (same batch shape, more
+    supervised targets; see :class:`~echomoe.train.MultiTaskBatches`).  ``precision``
     ``auto`` = fp32 on CPU, bf16 on GPU.  ``stages`` empty = train everything for ``steps``;
     otherwise their ``steps`` must sum to ``steps`` and each stage's ``lr_scale`` multiplies
     the scheduled learning rate while it is in force.  ``resume``: continue from the latest
@@ -202,6 +204,7 @@ class TrainSection:
     batch_size: int = 8
     grad_accum: int = 1
     group_by_length: bool = False
+    pack_turns: bool = False
     clip: float | None = 1.0
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -227,7 +230,8 @@ class EvalSection:
     and can be compared case by case), ``closed``: ``rank`` answers closed questions and
     diagnoses with their most likely option, ``generate`` with the free generation, and
     ``language`` the text metrics' tokenisation (``auto``: CJK character level when the
-    references have ideographs; ``en``; ``zh``)
+    references have ideographs; ``en``; ``zh``), ``report_samples``: ``1`` decodes reports
+    greedily, ``N > 1`` by minimum Bayes risk over ``N`` samples (:mod:`echomoe.models.decoding`)
     (:func:`~echomoe.metrics.harness.evaluate_model`)."""
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -237,6 +241,7 @@ class EvalSection:
     seed: int = 0
     closed: str = "rank"
     language: str = "auto"
+    report_samples: int = 1
 
 
 @dataclass

@@ -163,9 +163,15 @@ class VLMCollator:
 
     # ------------------------------------------------------------------------- tokens
     def tokenize(
-        self, prompt: str, target: str, num_images: int, sample_id: str = "?"
+        self, prompt: str, target: str, num_images: int, sample_id: str = "?",
+        turns: Sequence[tuple[str, str]] = (),
     ) -> tuple[list[int], list[int]]:
-        """``(input_ids, labels)`` of one example (unpadded, ``<image>`` expanded)."""
+        """``(input_ids, labels)`` of one example (unpadded, ``<image>`` expanded).
+
+        ``turns``: further ``(prompt, target)`` pairs about the same images, appended after
+        the first target's eos (their prompts hold no ``<image>``; each target and its eos is
+        supervised).  With ``max_length`` the sequence is cut there.
+        """
         tok, image_id = self.tokenizer, self.token_ids[IMAGE_TOKEN]
         prompt_ids = tok.encode(prompt, add_special_tokens=False)
         found = prompt_ids.count(image_id)
@@ -189,12 +195,34 @@ class VLMCollator:
                     f"max_length={self.max_length} leaves no room for the target"
                 )
             target_ids = target_ids[:room]
-        return expanded + target_ids, [IGNORE_INDEX] * len(expanded) + target_ids
+        ids, labels = expanded + target_ids, [IGNORE_INDEX] * len(expanded) + target_ids
+        for n, (turn_prompt, turn_target) in enumerate(turns, 1):
+            turn_ids, turn_labels = self._turn(turn_prompt, turn_target)
+            if image_id in turn_ids:
+                raise ValueError(f"sample {sample_id!r}: turn {n} has an {IMAGE_TOKEN} token; "
+                                 "only the first prompt holds the images")
+            ids += turn_ids
+            labels += turn_labels
+        if self.max_length is not None:
+            ids, labels = ids[:self.max_length], labels[:self.max_length]
+        return ids, labels
+
+    def _turn(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        """``(ids, labels)`` of one further turn: its prompt, then its target and eos."""
+        tok = self.tokenizer
+        prompt_ids = tok.encode(prompt, add_special_tokens=False)
+        target_ids = tok.encode(target, add_special_tokens=False) + [tok.eos_token_id]
+        return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids
+
+    def turn_length(self, prompt: str, target: str) -> int:
+        """Tokens one further turn adds to a sequence (see ``turns`` of :meth:`tokenize`)."""
+        return len(self._turn(prompt, target)[0])
 
     def sequence_length(self, item: Mapping[str, Any]) -> int:
         """Tokens of one item's sequence (its row in a batch before padding)."""
         sample: UltrasoundSample = item["sample"]
-        ids, _ = self.tokenize(item["prompt"], item["target"], len(sample.images), sample.id)
+        ids, _ = self.tokenize(item["prompt"], item["target"], len(sample.images), sample.id,
+                               item.get("turns", ()))
         return len(ids)
 
     # ------------------------------------------------------------------------- labels
@@ -218,12 +246,12 @@ class VLMCollator:
             missing = [key for key in ("sample", "prompt", "target") if key not in item]
             if missing:
                 raise KeyError(f"batch item {n} lacks {missing}; expected keys sample, "
-                               "prompt, target (and optionally task)")
+                               "prompt, target (and optionally task, turns)")
             sample: UltrasoundSample = item["sample"]
             if not sample.images:
                 raise ValueError(f"sample {sample.id!r} has no images")
             ids, labels = self.tokenize(item["prompt"], item["target"], len(sample.images),
-                                        sample.id)
+                                        sample.id, item.get("turns", ()))
             images = []
             for i in range(len(sample.images)):
                 array = sample.image_array(i)

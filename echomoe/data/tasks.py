@@ -333,5 +333,34 @@ class TaskSampler:
         prompt, target = pairs[int(rng.integers(len(pairs)))]
         return TaskExample(task=task, prompt=prompt, target=target)
 
+    def follow_ups(self, sample: UltrasoundSample, first: TaskExample,
+                   key: int | Sequence[int] | None = None) -> list[TaskExample]:
+        """Further turns about the same image after ``first``, in random order: every
+        (prompt, target) pair of the tasks with a positive rate except ``first``'s own, with
+        the image prefix left out of the prompts (the image is already in the sequence).
+
+        Tasks whose labels a row holds once (all but ``vqa``: one report, one diagnosis, one
+        mask / box / set of keypoints per sample) appear at most once in a row, so never
+        again after a ``first`` of the same task; ``vqa`` gives one turn per other question.
+        With a ``key`` the draw is seeded by ``(seed, *key, 1)``, apart from ``__call__``'s.
+        """
+        rng = (self._rng if key is None else
+               np.random.default_rng([self.seed, *np.atleast_1d(key).tolist(), 1]))
+        prefix = image_prefix(sample)
+        asked = set()  # the question of a vqa first turn, not asked again
+        if first.task == "vqa":
+            asked = {q for qa in sample.qa if (q := str(qa.get("question", "")).strip())
+                     and q in first.prompt}
+        turns = []
+        for task, rate in self.rates.items():
+            if rate <= 0 or (task == first.task and task != "vqa"):
+                continue
+            for prompt, target in BUILDERS[task](sample, rng):
+                body = prompt.removeprefix(prefix)
+                if task == "vqa" and any(q in body for q in asked):
+                    continue
+                turns.append(TaskExample(task, body, target))
+        return [turns[i] for i in rng.permutation(len(turns))]
+
     def __repr__(self) -> str:
         return f"TaskSampler(rates={self.rates}, seed={self.seed})"

@@ -93,6 +93,7 @@ from echomoe.metrics.routing import RoutingAccumulator
 from echomoe.metrics.segmentation import dice, hd95, iou
 from echomoe.metrics.text import LANGUAGES, bleu, report_metrics, resolve_language
 from echomoe.metrics.vqa import vqa_metrics
+from echomoe.models.decoding import mbr_select, sample_sequences
 
 GROUNDING_TOKENS: dict[str, str] = {"segment": SEG_TOKEN, "detect": DET_TOKEN,
                                     "measure": KPT_TOKEN}
@@ -217,7 +218,8 @@ def _pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
 @torch.no_grad()
 def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
                given_regions: bool, force_task_token: bool, rank_closed: bool,
-               accumulator: RoutingAccumulator) -> None:
+               accumulator: RoutingAccumulator, report_samples: int = 1, seed: int = 0,
+               language: str = "auto") -> None:
     """Generate, decode and (for grounding tasks) ground one batch of one task, in place."""
     tok = processor.tokenizer
     device = _model_device(model)
@@ -228,20 +230,33 @@ def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
                        regions=regions if given_regions else None, padding_side="left")
     inputs = {k: v.to(device) for k, v in inputs.items()}
     image_id = processor.image_token_id
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bad_words_ids=[[image_id]])
+    stop = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+            "bad_words_ids": [[image_id]], "max_new_tokens": max_new_tokens}
+    mbr = task == "report" and report_samples > 1
+    if mbr:
+        out = sample_sequences(model, inputs, num_samples=report_samples, seed=seed, **stop)
+    else:
+        out = model.generate(**inputs, do_sample=False, num_beams=1, **stop)
     prompt_len = inputs["input_ids"].shape[1]
     drop = {tok.pad_token_id, tok.bos_token_id, image_id}
     task_id = tok.convert_tokens_to_ids(GROUNDING_TOKENS[task]) if task in GROUNDING_TOKENS \
         else None
-    rows = []
-    for i, ex in enumerate(batch):
-        generated = out[i, prompt_len:].tolist()
+
+    def decoded(row: int) -> tuple[list[int], str]:
+        generated = out[row, prompt_len:].tolist()
         if tok.eos_token_id in generated:
             generated = generated[: generated.index(tok.eos_token_id)]
         generated = [t for t in generated if t not in drop]
-        ex.prediction = tok.decode(generated, skip_special_tokens=task_id is None).strip()
+        return generated, tok.decode(generated, skip_special_tokens=task_id is None).strip()
+
+    rows = []
+    for i, ex in enumerate(batch):
+        if mbr:  # the consensus of the sampled reports (echomoe.models.decoding)
+            candidates = [decoded(i * report_samples + j) for j in range(report_samples)]
+            generated, ex.prediction = candidates[
+                mbr_select([text for _, text in candidates], language)]
+        else:
+            generated, ex.prediction = decoded(i)
         if task_id is not None:
             ex.emitted = task_id in generated
             if not ex.emitted and force_task_token:
@@ -467,6 +482,7 @@ def evaluate_model(
     closed: str = "rank",
     language: str = "auto",
     force_task_token: bool = True,
+    report_samples: int = 1,
 ) -> EvalResult:
     """Run ``model`` on every task of ``samples`` and score it (see the module docstring).
 
@@ -490,6 +506,9 @@ def evaluate_model(
             ``"auto"`` (default: ``zh`` when a reference has CJK ideographs, else ``en``; the
             resolved one is in ``settings["language"]``).
         force_task_token: append a missing ``[SEG]`` / ``[DET]`` / ``[KPT]`` before grounding.
+        report_samples: ``1`` (default): reports are decoded greedily; ``N > 1``: minimum-Bayes-
+            risk decoding, the consensus of ``N`` sampled reports
+            (:mod:`echomoe.models.decoding`; seeded by ``seed``, so reproducible).
 
     Returns:
         :class:`EvalResult` (``metrics``, ``records``, ``routing``, ``settings``).
@@ -503,6 +522,8 @@ def evaluate_model(
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    if report_samples < 1:
+        raise ValueError(f"report_samples must be >= 1, got {report_samples}")
     if closed not in ("rank", "generate"):
         raise ValueError(f"closed must be 'rank' or 'generate', got {closed!r}")
     if regions not in REGION_PROTOCOLS:
@@ -526,7 +547,8 @@ def evaluate_model(
                            given_regions=regions == "given",
                            force_task_token=force_task_token,
                            rank_closed=closed == "rank",
-                           accumulator=accumulator)
+                           accumulator=accumulator, report_samples=report_samples,
+                           seed=seed, language=language)
                 bar.update(1)
     finally:
         model.train(was_training)
@@ -535,7 +557,7 @@ def evaluate_model(
                    language=language)
     settings = {"tasks": list(tasks), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                 "seed": seed, "regions": regions, "closed": closed, "language": language,
-                "force_task_token": force_task_token,
+                "force_task_token": force_task_token, "report_samples": report_samples,
                 "num_samples": len(samples)}
     return EvalResult(summarize(examples, tasks, len(samples), language=language),
                       make_records(examples),

@@ -29,6 +29,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from echomoe.data.schema import REGIONS
+from echomoe.models.losses import LM_LOSS_REDUCTIONS
 
 DEFAULT_GROUNDING: dict[str, Any] = {
     "mask_decoder": "dynamic_conv",  # or "dot_product"
@@ -100,6 +101,11 @@ class EchoMoEConfig(PretrainedConfig):
             the region classifier's prediction.
         image_token_id, seg_token_id, det_token_id, kpt_token_id: tokenizer ids.
         loss_weights: overrides of :data:`DEFAULT_LOSS_WEIGHTS`.
+        lm_loss_reduction: how the ``lm`` loss weighs examples: ``"token"`` (mean over the
+            batch's supervised tokens, as ``transformers``) or ``"example"`` (each example's
+            token mean, averaged over examples; see :mod:`echomoe.models.losses`).
+        labels_only_logits: with ``labels``, run the LM head only at the supervised positions
+            for the loss (a faster training step); the output's ``logits`` are then ``None``.
         backbone: a pretrained VLM as vision tower + projector + LM
             (:func:`~echomoe.models.backbone.resolve_backbone` forms).  Its LM config becomes
             ``text_config`` unless one is given, and ``vision_config`` is ``{"kind":
@@ -133,6 +139,8 @@ class EchoMoEConfig(PretrainedConfig):
         det_token_id: int = 5,
         kpt_token_id: int = 6,
         loss_weights: dict[str, float] | None = None,
+        lm_loss_reduction: str = "token",
+        labels_only_logits: bool = False,
         backbone: str | dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
@@ -177,6 +185,11 @@ class EchoMoEConfig(PretrainedConfig):
         self.grounding_config = _merge_known("grounding_config", grounding_config,
                                              DEFAULT_GROUNDING)
         self.loss_weights = _merge_known("loss_weights", loss_weights, DEFAULT_LOSS_WEIGHTS)
+        if lm_loss_reduction not in LM_LOSS_REDUCTIONS:
+            raise ValueError(f"lm_loss_reduction must be one of {', '.join(LM_LOSS_REDUCTIONS)}, "
+                             f"got {lm_loss_reduction!r}")
+        self.lm_loss_reduction = lm_loss_reduction
+        self.labels_only_logits = bool(labels_only_logits)
         self.projector_pool = projector_pool
         self.image_size = image_size
         if in_channels not in (1, 3):

@@ -47,6 +47,7 @@ from echomoe.grounding import (
 )
 from echomoe.models.backbone import build_backbone, build_language_model, build_vision_encoder
 from echomoe.models.configuration import EchoMoEConfig
+from echomoe.models.losses import causal_lm_loss, supervised_lm_loss
 from echomoe.models.processor import EchoMoEProcessor
 from echomoe.moe.context import RoutingContext
 from echomoe.moe.layer import RoutingInfo, validate_region_ids
@@ -397,17 +398,33 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         # MoE aux losses are for training and evaluation; generate() and other unsupervised
         # forwards without gradients skip them.
         supervised = labels is not None or grounding
+        # transformers' own loss is the token mean; other reductions, and the loss from the
+        # supervised positions' logits only, are computed here (echomoe.models.losses).
+        sparse = labels is not None and self.config.labels_only_logits
+        own_loss = labels is not None and (sparse or self.config.lm_loss_reduction != "token")
+        lm_labels = None if own_loss else labels
+        if sparse:
+            logits_to_keep = 1  # the loss needs no logits; keep one position's
         with self.routing_context.route(
             region_ids, token_mask=attention_mask,
             token_types=(input_ids == self.config.image_token_id).long(),
             compute_aux_losses=supervised or torch.is_grad_enabled(),
         ):
             out = self.language_model(
-                inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
-                position_ids=position_ids, use_cache=use_cache, output_hidden_states=need_hidden,
+                inputs_embeds=embeds, attention_mask=attention_mask, labels=lm_labels,
+                position_ids=position_ids, use_cache=use_cache,
+                output_hidden_states=need_hidden or sparse,
                 logits_to_keep=logits_to_keep, **{CACHE_NAME: cache},
             )
-        if labels is not None:
+        logits = out.logits
+        if sparse:
+            losses["lm"] = supervised_lm_loss(out.hidden_states[-1],
+                                              self.language_model.get_output_embeddings(),
+                                              labels, self.config.lm_loss_reduction)
+            logits = None
+        elif own_loss:
+            losses["lm"] = causal_lm_loss(logits, labels, self.config.lm_loss_reduction)
+        elif labels is not None:
             losses["lm"] = out.loss
         for key, value in self.routing_context.aux_losses().items():
             losses[_MOE_LOSS_NAMES.get(key, f"moe_{key}")] = value
@@ -419,7 +436,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         if supervised and losses:
             total = sum(weights.get(k.removeprefix("vision_"), 1.0) * v for k, v in losses.items())
         return EchoMoEOutput(
-            loss=total, losses=losses, logits=out.logits, **{CACHE_NAME: getattr(out, CACHE_NAME)},
+            loss=total, losses=losses, logits=logits, **{CACHE_NAME: getattr(out, CACHE_NAME)},
             pred_masks=preds.get("masks"), pred_boxes=preds.get("boxes"),
             pred_keypoints=preds.get("keypoints"), region_logits=region_logits,
             region_ids=region_ids, routing=self.routing_context.routing(),

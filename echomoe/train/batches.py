@@ -105,18 +105,27 @@ class MultiTaskBatches(IndexedBatches):
     Grouping changes what a batch holds, not only its padding: a grouped batch holds fewer
     tasks, which in the demo cost the MoE variants quality (see the README) while the dense
     model was unaffected.  Off by default.
+
+    With ``pack_turns``, each row's padding is filled with further turns about the same image
+    (:meth:`~echomoe.data.tasks.TaskSampler.follow_ups`, in their random order, each turn that
+    still fits): a row grows up to the batch's longest row and no further, so the batch's shape
+    and cost barely change while short rows (a VQA answer next to a 150-token report) carry
+    several supervised targets instead of padding.  The first turn of every row is the one
+    drawn with ``rates``, exactly as without packing (evaluation prompts are single-turn).
     """
 
     def __init__(self, samples: Sequence, *, collator: Callable[[list], dict],
                  rates: Mapping[str, float], batch_size: int, seed: int = 0,
                  drop_last: bool = True, group_by_length: bool = False,
-                 group_window: int = 4):
+                 group_window: int = 4, pack_turns: bool = False):
         from echomoe.data.collate import TaskTransform
         from echomoe.data.tasks import TaskSampler
 
-        if group_by_length and not callable(getattr(collator, "sequence_length", None)):
-            raise TypeError(f"group_by_length needs a collator with sequence_length(item) "
-                            f"(e.g. VLMCollator); got {type(collator).__name__}")
+        for flag, needs in ((group_by_length, "sequence_length"), (pack_turns, "turn_length")):
+            if flag and not callable(getattr(collator, needs, None)):
+                option = "group_by_length" if needs == "sequence_length" else "pack_turns"
+                raise TypeError(f"{option} needs a collator with {needs}() (e.g. VLMCollator); "
+                                f"got {type(collator).__name__}")
         if group_window < 1:
             raise ValueError(f"group_window must be >= 1 batch, got {group_window}")
         sampler = TaskSampler(rates, seed=seed)
@@ -128,12 +137,45 @@ class MultiTaskBatches(IndexedBatches):
         self.transform = TaskTransform(sampler)
         self.group_by_length = group_by_length
         self.group_window = int(group_window)
+        self.pack_turns = pack_turns
         super().__init__(kept, collate_fn=collator, batch_size=batch_size, seed=seed,
                          drop_last=drop_last)
 
     def item(self, position: int, epoch: int) -> dict:
         self.transform.set_epoch(epoch)
         return self.transform.example(self.dataset[position])
+
+    def batch(self, epoch: int, index: int) -> dict:
+        """Batch ``index`` of ``epoch`` (rows packed with further turns when asked)."""
+        if not self.pack_turns:
+            return super().batch(epoch, index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index {index} out of range for {len(self)} batches")
+        chosen = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        items = [self.item(int(i), epoch) for i in chosen]
+        return self.collate_fn(self._packed(items, epoch))
+
+    def _packed(self, items: list[dict], epoch: int) -> list[dict]:
+        """``items`` with ``"turns"`` that fill each row up to the longest row."""
+        import zlib
+
+        from echomoe.data.tasks import TaskExample
+
+        collator, sampler = self.collate_fn, self.transform.sampler
+        lengths = [collator.sequence_length(item) for item in items]
+        longest = max(lengths)
+        for item, length in zip(items, lengths, strict=True):
+            sample = item["sample"]
+            first = TaskExample(item["task"], item["prompt"], item["target"])
+            key = (epoch, zlib.crc32(sample.id.encode("utf-8")))
+            turns = []
+            for turn in sampler.follow_ups(sample, first, key=key):
+                extra = collator.turn_length(turn.prompt, turn.target)
+                if length + extra <= longest:
+                    turns.append((turn.prompt, turn.target))
+                    length += extra
+            item["turns"] = turns
+        return items
 
     def arrange(self, order: np.ndarray, epoch: int) -> np.ndarray:
         """Group by length when asked (see the class docstring)."""

@@ -224,7 +224,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     rates = cfg.tasks.rates()
     batches = MultiTaskBatches(splits[cfg.data.train_split], collator=collator, rates=rates,
                                batch_size=t.batch_size, seed=t.seed,
-                               group_by_length=t.group_by_length)
+                               group_by_length=t.group_by_length, pack_turns=t.pack_turns)
     eval_samples = splits[cfg.data.eval_split][:e.num_samples]
     eval_batches = MultiTaskBatches(eval_samples, collator=collator, rates=rates,
                                     batch_size=min(t.batch_size, len(eval_samples)), seed=t.seed,
@@ -236,7 +236,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         if t.metric not in metrics:
             result = evaluate_model(m, processor, eval_samples, e.tasks, e.batch_size,
                                     e.max_new_tokens, progress=False, closed=e.closed,
-                                    language=e.language)
+                                    language=e.language, report_samples=e.report_samples)
             metrics.update({f"eval/{k}": v for k, v in result.metrics["overall"].items()})
         return metrics
 
@@ -266,7 +266,8 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         test_samples = splits[cfg.data.test_split][:e.num_samples]
         result = evaluate_model(model, processor, test_samples, e.tasks, e.batch_size,
                                 e.max_new_tokens, progress=progress, seed=e.seed,
-                                closed=e.closed, language=e.language)
+                                closed=e.closed, language=e.language,
+                                report_samples=e.report_samples)
         step = len(history) and history[-1]["step"]
         logger.log_eval(step, result.metrics, prefix="test/")
         # Region-routed models also run the oracle protocol (true regions), reported apart.
@@ -275,7 +276,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
             oracle = evaluate_model(model, processor, test_samples, e.tasks, e.batch_size,
                                     e.max_new_tokens, progress=progress, seed=e.seed,
                                     regions="given", closed=e.closed,
-                                    language=e.language)
+                                    language=e.language, report_samples=e.report_samples)
         priors = prior_results(splits[cfg.data.train_split], test_samples, e.tasks,
                                image_size=model.config.image_size,
                                measure_pairs=model.config.grounding_config["measure_pairs"],

@@ -280,21 +280,29 @@ class ConvStem(nn.Module):
     per-pixel LayerNorm over channels and GELU), then a ``1 x 1`` projection to ``hidden_size``:
     ``(B, C_in, H, W) -> (B, C, H/p, W/p)``.
 
-    Channels double at each stage and end at ``hidden_size`` (at least 8 per stage).  It sees
-    overlapping ``3 x 3`` neighbourhoods instead of disjoint patches, which makes a small ViT
-    trained from scratch learn shapes and edges much sooner.
+    By default channels double at each stage and end at ``hidden_size`` (at least 8 per
+    stage); ``channels`` sets each stage's width instead (one per stage).  It sees overlapping
+    ``3 x 3`` neighbourhoods instead of disjoint patches, which makes a small ViT trained from
+    scratch learn shapes and edges much sooner.
     """
 
-    def __init__(self, in_channels: int, hidden_size: int, patch_size: int) -> None:
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int,
+                 channels: Sequence[int] | None = None) -> None:
         super().__init__()
         stages = patch_size.bit_length() - 1
         if patch_size < 2 or 1 << stages != patch_size:
             raise ValueError(f"the conv stem needs a power-of-two patch_size >= 2, got "
                              f"{patch_size}")
+        if channels is None:
+            channels = [max(hidden_size >> (stages - 1 - i), 8) for i in range(stages)]
+        channels = list(channels)
+        if len(channels) != stages or not all(isinstance(c, int) and c > 0 for c in channels):
+            raise ValueError(f"stem_channels must be {stages} positive ints (one per stride-2 "
+                             f"stage of patch size {patch_size}), got {channels}")
+        widths = channels
         layers: list[nn.Module] = []
         channels = in_channels
-        for i in range(stages):
-            out = max(hidden_size >> (stages - 1 - i), 8)
+        for out in widths:
             layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
                        _ChannelNorm(out), nn.GELU()]
             channels = out
@@ -329,6 +337,8 @@ class VisionTransformer(ImageEncoder):
         stem: ``"patch"`` (a ``p x p`` stride-``p`` convolution, as ViT) or ``"conv"``
             (:class:`ConvStem`: ``log2 p`` stride-2 3x3 convolutions, the early convolutions
             that help ViTs trained from scratch on little data, Xiao et al. 2021).
+        stem_channels: the conv stem's width per stage (``log2 p`` ints; default: doubling
+            up to ``hidden_size``).
     """
 
     def __init__(
@@ -353,6 +363,7 @@ class VisionTransformer(ImageEncoder):
         qkv_bias: bool = True,
         norm_eps: float = 1e-6,
         stem: str = "patch",
+        stem_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -367,9 +378,11 @@ class VisionTransformer(ImageEncoder):
         if stem == "patch":
             self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         elif stem == "conv":
-            self.patch_embed = ConvStem(in_channels, hidden_size, patch_size)
+            self.patch_embed = ConvStem(in_channels, hidden_size, patch_size, stem_channels)
         else:
             raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        if stem_channels is not None and stem != "conv":
+            raise ValueError("stem_channels needs stem='conv'")
         self.stem = stem
         self.pos_embed = nn.Parameter(torch.randn(1, grid[0] * grid[1], hidden_size) * 0.02)
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_size) * 0.02) if class_token \

@@ -395,3 +395,30 @@ def test_with_transform_and_dataloader_workers(tokenizer, collator, monkeypatch)
     only_seg = ds.with_transform(TaskTransform(TaskSampler({"segment": 1.0})))
     with pytest.raises(ValueError, match=r"'b0' supports none.*supports: report"):
         only_seg[6]
+
+
+def test_collator_turns_are_supervised_after_the_first_eos():
+    from echomoe.data.synthetic.generate import generate
+    from echomoe.models import build_model, build_processor
+
+    processor = build_processor("tiny", num_samples=20)
+    probe = build_model("tiny", "dense")
+    collator = VLMCollator(processor.tokenizer, probe.tokens_per_image, probe.config.image_size)
+    tok = processor.tokenizer
+    sample = generate(1, 4)[0]
+    item = {"sample": sample, "prompt": "<image>\nClassify this study.\n", "target": "normal",
+            "turns": [("Which organ is shown?\n", "liver")]}
+    ids, labels = collator.tokenize(item["prompt"], item["target"], 1, sample.id, item["turns"])
+    assert collator.sequence_length(item) == len(ids)
+    supervised = [t for t, label in zip(ids, labels, strict=True) if label != -100]
+    expected = (tok.encode("normal", add_special_tokens=False) + [tok.eos_token_id]
+                + tok.encode("liver", add_special_tokens=False) + [tok.eos_token_id])
+    assert supervised == expected
+    turn = collator.turn_length("Which organ is shown?\n", "liver")
+    assert len(ids) == collator.sequence_length({**item, "turns": []}) + turn
+    with pytest.raises(ValueError, match="turn 1 has an <image> token"):
+        collator.tokenize(item["prompt"], item["target"], 1, sample.id, [("<image>\nx", "y")])
+    short = VLMCollator(tok, probe.tokens_per_image, probe.config.image_size,
+                        max_length=len(ids) - 2)
+    cut, cut_labels = short.tokenize(item["prompt"], item["target"], 1, sample.id, item["turns"])
+    assert cut == ids[:-2] and cut_labels == labels[:-2]

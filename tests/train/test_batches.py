@@ -91,3 +91,58 @@ def test_grouping_rejects_bad_arguments(data):
                          group_by_length=True)
     with pytest.raises(ValueError, match="group_window"):
         batches(data, group_by_length=True, group_window=0)
+
+
+# ----------------------------------------------------------------------------- turn packing
+def test_packed_rows_keep_the_first_turn_and_the_batch_shape(data):
+    plain, packed = batches(data), batches(data, pack_turns=True)
+    tok = data["collator"].tokenizer
+    grew = 0
+    for i in range(len(plain)):
+        a, b = plain.batch(0, i), packed.batch(0, i)
+        assert a["input_ids"].shape == b["input_ids"].shape  # no row outgrows the longest
+        assert a["task_ids"].tolist() == b["task_ids"].tolist()
+        for row in range(a["input_ids"].shape[0]):
+            n = int(a["attention_mask"][row].sum())
+            # the first turn (prompt, target, eos) is exactly the unpacked row
+            assert b["input_ids"][row, :n].tolist() == a["input_ids"][row, :n].tolist()
+            assert b["labels"][row, :n].tolist() == a["labels"][row, :n].tolist()
+            grew += int(b["attention_mask"][row].sum()) > n
+        # a row holds each task token at most once, and one wherever its head is supervised
+        for flag, token in (("has_mask", "[SEG]"), ("has_box", "[DET]"),
+                            ("has_keypoints", "[KPT]")):
+            counts = (b["input_ids"] == tok.convert_tokens_to_ids(token)).sum(1)
+            assert counts.max() <= 1
+            assert (counts[b[flag]] == 1).all()
+        assert (b["labels"] != -100).sum() >= (a["labels"] != -100).sum()
+        assert b["has_mask"].sum() >= a["has_mask"].sum()
+    assert grew > len(plain)  # packing added turns to many rows, not to a handful
+
+
+def test_packing_is_deterministic_and_needs_turn_lengths(data):
+    one, two = batches(data, pack_turns=True), batches(data, pack_turns=True)
+    for i in (0, 3):
+        assert one.batch(1, i)["input_ids"].tolist() == two.batch(1, i)["input_ids"].tolist()
+    with pytest.raises(TypeError, match="pack_turns needs a collator with turn_length"):
+        MultiTaskBatches(data["samples"], collator=lambda items: items, rates=RATES,
+                         batch_size=4, pack_turns=True)
+
+
+def test_follow_ups_never_repeat_a_once_per_row_task_or_the_first_question(data):
+    from echomoe.data.tasks import TaskSampler, image_prefix
+
+    sampler = TaskSampler(RATES, seed=0)
+    for sample in data["samples"][:12]:
+        first = sampler(sample, key=(0, 1))
+        turns = sampler.follow_ups(sample, first, key=(0, 1))
+        tasks = [t.task for t in turns]
+        for task in set(tasks) - {"vqa"}:
+            assert tasks.count(task) == 1
+        if first.task != "vqa":
+            assert first.task not in tasks
+        else:
+            asked = [qa["question"] for qa in sample.qa if qa["question"] in first.prompt]
+            assert asked
+            assert not any(q in t.prompt for q in asked for t in turns if t.task == "vqa")
+        assert all(not t.prompt.startswith(image_prefix(sample)) for t in turns)
+        assert all("<image>" not in t.prompt for t in turns)

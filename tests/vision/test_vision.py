@@ -193,6 +193,17 @@ def test_conv_stem_shapes_and_errors():
     with pytest.raises(ValueError, match="stem must be"):
         VisionTransformer(image_size=IMG, patch_size=PATCH, hidden_size=C, depth=1,
                           num_heads=4, stem="hybrid")
+    wide = VisionTransformer(image_size=IMG, patch_size=PATCH, hidden_size=C, depth=1,
+                             num_heads=4, stem="conv", stem_channels=[12, 20, 40])
+    convs = [m for m in wide.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [12, 20, 40, C]
+    assert wide(torch.randn(2, 1, IMG, IMG)).shape == (2, GRID * GRID, C)
+    with pytest.raises(ValueError, match="stem_channels must be 3 positive ints"):
+        VisionTransformer(image_size=IMG, patch_size=PATCH, hidden_size=C, depth=1,
+                          num_heads=4, stem="conv", stem_channels=[8, 16])
+    with pytest.raises(ValueError, match="stem_channels needs stem='conv'"):
+        VisionTransformer(image_size=IMG, patch_size=PATCH, hidden_size=C, depth=1,
+                          num_heads=4, stem_channels=[8, 16, 32])
 
 
 def test_pos_embed_interpolation_native():
