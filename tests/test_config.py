@@ -269,8 +269,15 @@ def test_demo_sweep():
                                                                    "moe_region_soft",
                                                                    "dense_blind")
                                           for s in (0, 1, 2)]
-    assert sweep.experiment.name == "multitask.yaml"
-    assert sweep.load("moe_topk-seed0").model.variant == "moe_topk"
+    assert sweep.experiment.name == "demo.yaml"
+    topk = sweep.load("moe_topk-seed0")
+    assert topk.model.variant == "moe_topk"
+    # the recipe of configs/experiments/demo.yaml
+    assert (topk.data.n, topk.train.steps, topk.train.lr) == (2000, 1300, 3e-3)
+    assert topk.train.pack_turns and topk.eval.report_samples == 8
+    assert topk.tasks.report == 3.0 and topk.model.overrides["labels_only_logits"] is True
+    assert topk.model.overrides["vision_config"] == {"stem": "conv",
+                                                     "stem_channels": [32, 32, 64]}
     blind, dense = sweep.load("dense_blind-seed1"), sweep.load("dense-seed1")
     assert blind.data.blind and not dense.data.blind
     blind, dense = config_to_dict(blind), config_to_dict(dense)
@@ -305,9 +312,32 @@ def test_demo_bias_sweep_is_the_demo_with_bias_balancing():
     runs = [run for run, _, _ in beside_the_demo("demo_bias.yaml")]
     assert runs == [f"{v}-seed{s}" for v in ("moe_topk", "moe_region_soft") for s in (0, 1, 2)]
     for run, demo, bias in beside_the_demo("demo_bias.yaml"):
-        assert bias["model"]["overrides"].pop("loss_weights") == {"moe_balance": 0.0}
+        assert bias["model"]["overrides"]["loss_weights"].pop("moe_balance") == 0.0
         assert bias["model"]["overrides"].pop("moe_config") == {"bias_update_rate": 0.001}
         assert demo == bias, run
+
+
+def _pop_path(cfg: dict, path: tuple[str, ...]):
+    for key in path[:-1]:
+        cfg = cfg[key]
+    return cfg.pop(path[-1])
+
+
+def test_demo_ablations_change_one_factor_of_the_demo_dense_run():
+    sweep = read_sweep(CONFIGS / "sweeps" / "demo_ablations.yaml")
+    demo = read_sweep(CONFIGS / "sweeps" / "demo.yaml")
+    changed = {
+        "dense_patch_stem-seed0": ("model", "overrides", "vision_config"),
+        "dense_unpacked-seed0": ("train", "pack_turns"),
+        "dense_no_heatmap-seed0": ("model", "overrides", "loss_weights"),
+    }
+    assert [name for name, _ in sweep.runs] == list(changed)
+    for run, path in changed.items():
+        mine, base = (config_to_dict(c) for c in (sweep.load(run), demo.load("dense-seed0")))
+        for cfg in (mine, base):
+            cfg.pop("output_dir"), cfg.pop("name"), cfg["logging"].pop("group")
+        assert _pop_path(mine, path) != _pop_path(base, path), run
+        assert mine == base, run
 
 
 def test_demo_modality_sweep_is_the_demo_topk_run_with_modality_routing():

@@ -221,7 +221,7 @@ def test_wandb_sweep_yaml(tmp_path, demo, plain_demo):
                                                               "moe_region_soft"]},
                                  "train.seed": {"values": [0]}}
     assert cfg["command"][-1] == "${args_no_hyphens}" and "logging.group=demo" in cfg["command"]
-    assert cfg["command"][3].endswith("experiments/multitask.yaml")
+    assert cfg["command"][3].endswith("experiments/demo.yaml")
     big = wandb_sweep_yamls(DENSE_VS_MOE)
     assert list(big) == ["report", "vqa", "grounding", "multitask"]
     assert big["vqa"]["parameters"]["train.seed"] == {"values": [0, 1, 2]}
