@@ -273,7 +273,7 @@ def test_demo_sweep():
     topk = sweep.load("moe_topk-seed0")
     assert topk.model.variant == "moe_topk"
     # the recipe of configs/experiments/demo.yaml
-    assert (topk.data.n, topk.train.steps, topk.train.lr) == (2000, 1300, 3e-3)
+    assert (topk.data.n, topk.train.steps, topk.train.lr) == (2000, 1150, 3e-3)
     assert topk.train.pack_turns and topk.eval.report_samples == 8
     assert topk.tasks.report == 3.0 and topk.model.overrides["labels_only_logits"] is True
     assert topk.model.overrides["vision_config"] == {"stem": "conv",

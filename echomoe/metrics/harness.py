@@ -19,13 +19,15 @@ How it runs (all deterministic):
    pairs (VQA: one per question).  Samples that do not support a task are skipped.
 2. **Generation.**  Batches of ``batch_size`` prompts go through the processor (left padded)
    and ``model.generate`` (greedy, ``max_new_tokens``; ``<image>`` is banned as an output
-   token).  The text up to the first eos is the prediction; closed questions (yes / no, the
-   options a choice question lists) and diagnoses are answered with their most likely option
-   instead (``closed="rank"``, the default; :mod:`echomoe.metrics.ranking`; the free text is
-   kept in the record's ``generated``).  The routers see the region the model
-   predicts from the image (``regions="predicted"``, the default: the fair protocol, since a
-   deployed model is not told the anatomy) or each sample's true region (``regions="given"``,
-   the oracle; samples of unknown region still use the prediction).
+   token; with ``report_samples > 1`` reports are the minimum-Bayes-risk consensus of that
+   many samples, :mod:`echomoe.models.decoding`).  The text up to the first eos is the
+   prediction; closed questions (yes / no, the options a choice question lists) and diagnoses
+   are answered with their most likely option instead (``closed="rank"``, the default;
+   :mod:`echomoe.metrics.ranking`; the free text is kept in the record's ``generated``).
+   The routers see the region the model predicts from the image (``regions="predicted"``,
+   the default: the fair protocol, since a deployed model is not told the anatomy) or each
+   sample's true region (``regions="given"``, the oracle; samples of unknown region still use
+   the prediction).
 3. **Grounding.**  For ``segment`` / ``detect`` / ``measure`` the prompt + generated tokens go
    through ``model.ground``.  When the model did not emit the task token (``[SEG]`` /
    ``[DET]`` / ``[KPT]``) it is appended (``force_task_token=True``, the default) so the head
