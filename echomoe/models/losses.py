@@ -25,6 +25,15 @@ LM_LOSS_REDUCTIONS = ("token", "example")
 IGNORE_INDEX = -100
 
 
+def _check(what: str, values: Tensor, labels: Tensor, reduction: str) -> None:
+    if reduction not in LM_LOSS_REDUCTIONS:
+        raise ValueError(f"unknown LM loss reduction {reduction!r}; valid: "
+                         f"{', '.join(LM_LOSS_REDUCTIONS)}")
+    if values.dim() != 3 or labels.shape != values.shape[:2]:
+        raise ValueError(f"{what} and labels (B, T) must agree, got "
+                         f"{tuple(values.shape)} and {tuple(labels.shape)}")
+
+
 def causal_lm_loss(logits: Tensor, labels: Tensor, reduction: str = "token") -> Tensor:
     """Next-token cross-entropy of ``logits (B, T, V)`` against ``labels (B, T)``.
 
@@ -33,12 +42,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, reduction: str = "token") -> 
     over the batch's supervised tokens) or ``"example"`` (mean over examples of each example's
     token mean).  A batch without a supervised token gives 0 (with a gradient path).
     """
-    if reduction not in LM_LOSS_REDUCTIONS:
-        raise ValueError(f"unknown LM loss reduction {reduction!r}; valid: "
-                         f"{', '.join(LM_LOSS_REDUCTIONS)}")
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"logits (B, T, V) and labels (B, T) must agree, got "
-                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    _check("logits (B, T, V)", logits, labels, reduction)
     target = labels[:, 1:].to(logits.device)
     per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
                                 ignore_index=IGNORE_INDEX, reduction="none")  # (B, T - 1)
@@ -59,12 +63,7 @@ def supervised_lm_loss(hidden: Tensor, head: torch.nn.Module, labels: Tensor,
     projection, ``labels (B, T)`` as for :func:`causal_lm_loss`; equal to
     ``causal_lm_loss(head(hidden), labels, reduction)`` up to float rounding.
     """
-    if reduction not in LM_LOSS_REDUCTIONS:
-        raise ValueError(f"unknown LM loss reduction {reduction!r}; valid: "
-                         f"{', '.join(LM_LOSS_REDUCTIONS)}")
-    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
-        raise ValueError(f"hidden (B, T, D) and labels (B, T) must agree, got "
-                         f"{tuple(hidden.shape)} and {tuple(labels.shape)}")
+    _check("hidden (B, T, D)", hidden, labels, reduction)
     target = labels[:, 1:].to(hidden.device)
     rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
     if rows.numel() == 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -157,8 +158,6 @@ class MultiTaskBatches(IndexedBatches):
 
     def _packed(self, items: list[dict], epoch: int) -> list[dict]:
         """``items`` with ``"turns"`` that fill each row up to the longest row."""
-        import zlib
-
         from echomoe.data.tasks import TaskExample
 
         collator, sampler = self.collate_fn, self.transform.sampler
