@@ -351,10 +351,14 @@ class TaskTransform:
         """Draw the tasks of another epoch (before creating the DataLoader iterator)."""
         self.epoch = int(epoch)
 
+    def key(self, sample: UltrasoundSample, epoch: int | None = None) -> tuple[int, int]:
+        """The draw key of ``sample`` in ``epoch`` (default: the current one)."""
+        return (self.epoch if epoch is None else int(epoch),
+                zlib.crc32(sample.id.encode("utf-8")))
+
     def example(self, sample: UltrasoundSample) -> dict[str, Any]:
         """The task example of one sample (``{"sample", "task", "prompt", "target"}``)."""
-        key = (self.epoch, zlib.crc32(sample.id.encode("utf-8")))
-        example = self.sampler(sample, key=key)
+        example = self.sampler(sample, key=self.key(sample))
         if example is None:
             raise ValueError(
                 f"sample {sample.id!r} supports none of the tasks with a positive rate "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -79,7 +78,12 @@ class IndexedBatches:
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range for {len(self)} batches")
         chosen = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.collate_fn([self.item(int(i), epoch) for i in chosen])
+        return self.collate_fn(self.prepare([self.item(int(i), epoch) for i in chosen], epoch))
+
+    def prepare(self, items: list, epoch: int) -> list:
+        """Change a batch's items before they are collated (a hook for subclasses; here
+        unchanged)."""
+        return items
 
     def iterate(self, epoch: int, start: int = 0) -> Iterator[dict]:
         """Batches ``start, start + 1, ...`` of ``epoch``."""
@@ -122,9 +126,9 @@ class MultiTaskBatches(IndexedBatches):
         from echomoe.data.collate import TaskTransform
         from echomoe.data.tasks import TaskSampler
 
-        for flag, needs in ((group_by_length, "sequence_length"), (pack_turns, "turn_length")):
-            if flag and not callable(getattr(collator, needs, None)):
-                option = "group_by_length" if needs == "sequence_length" else "pack_turns"
+        for option, on, needs in (("group_by_length", group_by_length, "sequence_length"),
+                                  ("pack_turns", pack_turns, "turn_length")):
+            if on and not callable(getattr(collator, needs, None)):
                 raise TypeError(f"{option} needs a collator with {needs}() (e.g. VLMCollator); "
                                 f"got {type(collator).__name__}")
         if group_window < 1:
@@ -146,18 +150,11 @@ class MultiTaskBatches(IndexedBatches):
         self.transform.set_epoch(epoch)
         return self.transform.example(self.dataset[position])
 
-    def batch(self, epoch: int, index: int) -> dict:
-        """Batch ``index`` of ``epoch`` (rows packed with further turns when asked)."""
+    def prepare(self, items: list[dict], epoch: int) -> list[dict]:
+        """With ``pack_turns``: ``items`` with ``"turns"`` that fill each row up to the longest
+        row (see the class docstring)."""
         if not self.pack_turns:
-            return super().batch(epoch, index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"batch index {index} out of range for {len(self)} batches")
-        chosen = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        items = [self.item(int(i), epoch) for i in chosen]
-        return self.collate_fn(self._packed(items, epoch))
-
-    def _packed(self, items: list[dict], epoch: int) -> list[dict]:
-        """``items`` with ``"turns"`` that fill each row up to the longest row."""
+            return items
         from echomoe.data.tasks import TaskExample
 
         collator, sampler = self.collate_fn, self.transform.sampler
@@ -166,9 +163,8 @@ class MultiTaskBatches(IndexedBatches):
         for item, length in zip(items, lengths, strict=True):
             sample = item["sample"]
             first = TaskExample(item["task"], item["prompt"], item["target"])
-            key = (epoch, zlib.crc32(sample.id.encode("utf-8")))
             turns = []
-            for turn in sampler.follow_ups(sample, first, key=key):
+            for turn in sampler.follow_ups(sample, first, key=self.transform.key(sample, epoch)):
                 extra = collator.turn_length(turn.prompt, turn.target)
                 if length + extra <= longest:
                     turns.append((turn.prompt, turn.target))

@@ -293,20 +293,16 @@ class ConvStem(nn.Module):
         if patch_size < 2 or 1 << stages != patch_size:
             raise ValueError(f"the conv stem needs a power-of-two patch_size >= 2, got "
                              f"{patch_size}")
-        if channels is None:
-            channels = [max(hidden_size >> (stages - 1 - i), 8) for i in range(stages)]
-        channels = list(channels)
-        if len(channels) != stages or not all(isinstance(c, int) and c > 0 for c in channels):
+        widths = (list(channels) if channels is not None else
+                  [max(hidden_size >> (stages - 1 - i), 8) for i in range(stages)])
+        if len(widths) != stages or not all(isinstance(c, int) and c > 0 for c in widths):
             raise ValueError(f"stem_channels must be {stages} positive ints (one per stride-2 "
-                             f"stage of patch size {patch_size}), got {channels}")
-        widths = channels
+                             f"stage of patch size {patch_size}), got {widths}")
         layers: list[nn.Module] = []
-        channels = in_channels
-        for out in widths:
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
-                       _ChannelNorm(out), nn.GELU()]
-            channels = out
-        layers.append(nn.Conv2d(channels, hidden_size, 1))
+        for c_in, c_out in zip([in_channels, *widths], widths, strict=False):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                       _ChannelNorm(c_out), nn.GELU()]
+        layers.append(nn.Conv2d(widths[-1], hidden_size, 1))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
