@@ -71,7 +71,8 @@ def _check_readme_update(bench, payload: dict, tmp_path: Path) -> str:
     bench("update_readme").main([str(json_path), "--readme", str(readme)])
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert any(f"| {first} |" in text for first in ("model", "T", "part", "conversion", "variant"))
+    assert any(f"| {first} |" in text for first in ("model", "T", "part", "conversion", "variant",
+                                                     "encoder"))
     return text
 
 
@@ -173,6 +174,31 @@ def test_decode_benchmark(bench, tmp_path):
     assert all(r["meets_target"] is None for r in hf["results"].values())
     assert all(isinstance(r["meets_target"], bool) for r in echomoe["results"].values())
     _check_readme_update(bench, payload, tmp_path)
+
+
+def test_encoders_benchmark(bench, tmp_path):
+    out = tmp_path / "encoders.json"
+    payload = bench("encoders").main([
+        "--out", str(out), "--seeds", "0", "1", "--steps", "3", "--n-train", "28",
+        "--n-test", "14", "--image-size", "32", "--batch-size", "4",
+        "--encoders", "vit, patch stem", "convnet 16-32-48"])
+    _check_common(payload, "encoders", out)
+    results = payload["results"]
+    assert list(results) == ["vit, patch stem", "convnet 16-32-48"]
+    assert payload["first"] == "vit, patch stem"
+    assert results["vit, patch stem"]["step_time_vs_first"] == 1.0
+    for r in results.values():
+        accs = [row["accuracy"] for row in r["per_seed"]]
+        assert [row["seed"] for row in r["per_seed"]] == [0, 1]
+        assert all(a * 14 == pytest.approx(round(a * 14)) for a in accs)  # 14 test cases
+        assert r["accuracy_mean"] == pytest.approx(statistics.fmean(accs))
+        assert r["above_prior_seeds"] == sum(a > payload["prior_region_accuracy"] for a in accs)
+    # 28 train cases cycle the 7 regions: 4 per region, the prior is a multiple of 1 / 14
+    assert 0 < payload["prior_region_accuracy"] <= 1
+    prior = payload["prior_region_accuracy"] * 14
+    assert prior == pytest.approx(round(prior))
+    text = _check_readme_update(bench, payload, tmp_path)
+    assert "per-region majority prior" in text and "seeds above prior" in text
 
 
 def test_data_benchmark(bench, tmp_path):

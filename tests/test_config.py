@@ -131,6 +131,26 @@ def test_base_relative_to_file_and_nested_merge(tmp_path):
     assert cfg.name == "child" and cfg.output_dir == "runs/child"
 
 
+def test_a_mapping_of_another_kind_replaces_the_base_one(tmp_path):
+    """``vision_config`` merges key by key within a kind; a new ``kind`` starts afresh (the
+    ViT's keys would be invalid for a ConvNet), in a child file and on the command line."""
+    write(tmp_path / "vit.yaml", "model:\n  overrides:\n    vision_config: "
+          "{stem: conv, stem_channels: [8, 8, 16]}\n")
+    same = write(tmp_path / "same.yaml", "base: vit.yaml\nmodel:\n  overrides:\n"
+                 "    vision_config: {depth: 3}\n")
+    assert load_config(same).model.overrides["vision_config"] == {
+        "stem": "conv", "stem_channels": [8, 8, 16], "depth": 3}
+    other = write(tmp_path / "cnn.yaml", "base: vit.yaml\nmodel:\n  overrides:\n"
+                  "    vision_config: {kind: convnet, widths: [8, 16, 32]}\n")
+    cfg = load_config(other)
+    assert cfg.model.overrides["vision_config"] == {"kind": "convnet", "widths": [8, 16, 32]}
+    assert cfg.model.build_config().vision_config == {"kind": "convnet",
+                                                      "widths": [8, 16, 32]}
+    cli = load_config(tmp_path / "vit.yaml",
+                      ["model.overrides.vision_config={kind: convnet, depths: [0, 1, 2]}"])
+    assert cli.model.overrides["vision_config"] == {"kind": "convnet", "depths": [0, 1, 2]}
+
+
 def test_base_errors(tmp_path):
     write(tmp_path / "x.yaml", "base: y.yaml\n")
     write(tmp_path / "y.yaml", "base: x.yaml\n")

@@ -28,14 +28,17 @@ def test_image_hw_refuses_and_names_the_field(size):
                                          ({"patch_size": (4, 4)}, 4),
                                          ({"kind": "siglip", "config": {"patch_size": 14}}, 14),
                                          ({"kind": "clip", "config": {"patch_size": 7}}, 7),
-                                         ({"kind": "dinov2", "config": {"patch_size": 6}}, 6)])
+                                         ({"kind": "dinov2", "config": {"patch_size": 6}}, 6),
+                                         ({"kind": "convnet", "widths": [8, 8, 16]}, 8),
+                                         ({"kind": "convnet"}, 16)])
 def test_vision_patch_size_reads_every_kind(spec, patch):
     assert vision_patch_size(spec) == patch
 
 
 def test_vision_kinds_are_checked_in_one_place():
-    assert VISION_KINDS == ("native", "pretrained", "siglip", "clip", "dinov2", "backbone")
-    with pytest.raises(ValueError, match="unknown vision_config kind 'vit'.*native, pretrained"):
+    assert VISION_KINDS == ("native", "convnet", "pretrained", "siglip", "clip", "dinov2",
+                            "backbone")
+    with pytest.raises(ValueError, match="unknown vision_config kind 'vit'.*native, convnet"):
         vision_patch_size({"kind": "vit"})
     with pytest.raises(ValueError, match="backbone"):
         vision_patch_size({"kind": "backbone"})

@@ -127,10 +127,13 @@ def _check_dotted_key(key: str, where: str, value: Any = None) -> None:
 # ----------------------------------------------------------------------------- loading
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """OmegaConf merge semantics on plain dicts: mappings merge key by key, the rest
-    (lists included) is replaced."""
+    (lists included) is replaced.  A mapping whose ``kind`` differs from the base mapping's
+    (``vision_config: {kind: convnet, ...}`` over a ViT's) replaces it: the base's other keys
+    belong to the other kind."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) \
+                and value.get("kind", out[key].get("kind")) == out[key].get("kind"):
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value

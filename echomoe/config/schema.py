@@ -40,6 +40,9 @@ class ModelSection:
             (:mod:`echomoe.models.backbone`; its own tokenizer, so ``tokenizer`` stays
             ``null``); relative to the working directory.  A directory absent on this machine
             is read, and the model section checked, when the model is built.
+        diagnosis_head: an auxiliary image-level diagnosis classifier on the pooled vision
+            tokens, over the dataset's diagnosis labels (``EchoMoEConfig.diagnoses``; loss
+            weight ``diagnosis_cls``), trained on every train row whose image has a diagnosis.
     """
 
     preset: str = "tiny"
@@ -48,6 +51,7 @@ class ModelSection:
     tokenizer: str | None = None
     corpus_samples: int = 200
     backbone: str | None = None
+    diagnosis_head: bool = False
 
     def tokenizer_from_train_split(self) -> bool:
         """Whether the tokenizer is trained on the train split (``tokenizer: train_split``)."""

@@ -103,9 +103,12 @@ class VLMCollator:
         image_size: ``int`` or ``(height, width)`` every image (and mask) is resized to.
         max_length: optional maximum sequence length (after image-token expansion).
         num_keypoints: ``K`` when ``keypoint_names`` is None: the first ``K`` keypoints of a
-            sample in insertion order.
+            sample in insertion order (a sample with fewer has only those supervised: see
+            ``keypoint_mask``).
         keypoint_names: fixed keypoint names (``K = len(keypoint_names)``).
         regions: region list for ``region_ids``.
+        diagnoses: label list for ``diagnosis_ids`` (the model's ``config.diagnoses``);
+            ``None``: no ``diagnosis_ids`` in the batch.
         add_bos: prepend the tokenizer's bos token when it has one.
 
     Returns (from ``__call__``), with ``B`` items, ``L`` the longest sequence, ``N`` the most
@@ -117,7 +120,13 @@ class VLMCollator:
       ``image_counts``: ``(B,)`` long.
     * ``masks``: ``(B, H, W)`` float32 in {0, 1}; ``has_mask``: ``(B,)`` bool.
     * ``boxes``: ``(B, 4)`` float32 ``(cx, cy, w, h)`` normalised; ``has_box``: ``(B,)`` bool.
-    * ``keypoints``: ``(B, K, 2)`` float32 normalised ``(x, y)``; ``has_keypoints``: ``(B,)``.
+    * ``keypoints``: ``(B, K, 2)`` float32 normalised ``(x, y)``; ``has_keypoints``: ``(B,)``;
+      ``keypoint_mask``: ``(B, K)`` bool, the points the sample has (its first ``n < K``
+      points with ``num_keypoints``, as the evaluation scores them; all or none with
+      ``keypoint_names``).
+    * ``diagnosis_ids`` (with ``diagnoses``): ``(B,)`` long, the index of the sample's
+      diagnosis in ``diagnoses`` (``-1``: the sample has none); every row about an image
+      carries it, whatever its task.
     * ``region_ids``: ``(B,)`` long (``-1`` unknown); ``task_ids``: ``(B,)`` long, index in
       :data:`~echomoe.data.tasks.TASKS` (``-1`` if not given).
     * ``pixel_spacing``: ``(B,)`` float32 mm per *original* pixel (NaN unknown);
@@ -138,6 +147,7 @@ class VLMCollator:
         num_keypoints: int = 4,
         keypoint_names: Sequence[str] | None = None,
         regions: tuple[str, ...] = REGIONS,
+        diagnoses: Sequence[str] | None = None,
         add_bos: bool = True,
     ):
         if image_tokens_per_image < 1:
@@ -159,6 +169,7 @@ class VLMCollator:
         if self.num_keypoints < 1:
             raise ValueError(f"need at least one keypoint, got {self.num_keypoints}")
         self.regions = tuple(regions)
+        self.diagnoses = tuple(diagnoses) if diagnoses is not None else None
         self.add_bos = add_bos
 
     # ------------------------------------------------------------------------- tokens
@@ -232,7 +243,15 @@ class VLMCollator:
                 return None
             return [sample.keypoints[name] for name in self.keypoint_names]
         points = list(sample.keypoints.values())
-        return points[: self.num_keypoints] if len(points) >= self.num_keypoints else None
+        return points[: self.num_keypoints] or None
+
+    def _diagnosis(self, sample: UltrasoundSample) -> int:
+        if self.diagnoses is None or sample.diagnosis is None:
+            return -1
+        if sample.diagnosis not in self.diagnoses:
+            raise ValueError(f"sample {sample.id!r}: diagnosis {sample.diagnosis!r} is not one "
+                             f"of the model's diagnoses ({', '.join(self.diagnoses)})")
+        return self.diagnoses.index(sample.diagnosis)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate ``B`` items (see the class docstring for the output shapes)."""
@@ -277,6 +296,7 @@ class VLMCollator:
             row["points"] = (None if points is None
                              else [normalise_point(p, h0, w0) for p in points])
             row["region"] = region_index(sample.region, self.regions)
+            row["diagnosis"] = self._diagnosis(sample)
             spacing = sample.pixel_spacing
             row["spacing"] = float(spacing) if spacing is not None else math.nan
             task = item.get("task")
@@ -296,6 +316,7 @@ class VLMCollator:
         masks = torch.zeros((b, *size), dtype=torch.float32)
         boxes = torch.zeros((b, 4), dtype=torch.float32)
         keypoints = torch.zeros((b, k, 2), dtype=torch.float32)
+        keypoint_mask = torch.zeros((b, k), dtype=torch.bool)
         for i, r in enumerate(rows):
             n = len(r["ids"])
             input_ids[i, :n] = torch.tensor(r["ids"])
@@ -307,8 +328,9 @@ class VLMCollator:
             if r["box"] is not None:
                 boxes[i] = torch.tensor(r["box"])
             if r["points"] is not None:
-                keypoints[i] = torch.tensor(r["points"])
-        return {
+                keypoints[i, : len(r["points"])] = torch.tensor(r["points"])
+                keypoint_mask[i, : len(r["points"])] = True
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
@@ -320,11 +342,16 @@ class VLMCollator:
             "has_box": torch.tensor([r["box"] is not None for r in rows]),
             "keypoints": keypoints,
             "has_keypoints": torch.tensor([r["points"] is not None for r in rows]),
+            "keypoint_mask": keypoint_mask,
             "region_ids": torch.tensor([r["region"] for r in rows], dtype=torch.long),
             "task_ids": torch.tensor([r["task"] for r in rows], dtype=torch.long),
             "pixel_spacing": torch.tensor([r["spacing"] for r in rows], dtype=torch.float32),
             "original_sizes": torch.tensor([r["size"] for r in rows], dtype=torch.long),
         }
+        if self.diagnoses is not None:
+            batch["diagnosis_ids"] = torch.tensor([r["diagnosis"] for r in rows],
+                                                  dtype=torch.long)
+        return batch
 
 
 class TaskTransform:

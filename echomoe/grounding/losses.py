@@ -33,6 +33,16 @@ def _valid(name: str, has: Tensor | None, batch: int, device) -> Tensor:
     return has.to(device=device, dtype=torch.bool)
 
 
+def _point_mask(has: Tensor | None, batch: int, points: int, device) -> Tensor:
+    """``(B, K)`` bool of the supervised points from ``(B,)`` sample or ``(B, K)`` point flags."""
+    if has is not None and has.dim() == 2:
+        if has.shape != (batch, points):
+            raise ValueError(f"has_keypoints must be ({batch},) or ({batch}, {points}), got "
+                             f"{tuple(has.shape)}")
+        return has.to(device=device, dtype=torch.bool)
+    return _valid("has_keypoints", has, batch, device)[:, None].expand(batch, points)
+
+
 def _check_same(pred: Tensor, target: Tensor, what: str) -> None:
     if pred.shape != target.shape:
         raise ValueError(f"{what}: prediction {tuple(pred.shape)} and target "
@@ -147,19 +157,20 @@ def keypoint_loss(
 
     Args:
         pred, target: ``(B, K, 2)`` normalised ``(x, y)``.
-        has_keypoints: ``(B,)`` bool (``None``: all valid).
+        has_keypoints: ``(B,)`` bool per sample or ``(B, K)`` per point (a sample with fewer
+            reference points than ``K``); ``None``: all valid.
         weight: multiplier.
 
     Returns:
-        ``{"keypoint": weight * mean |pred - target|}`` over valid samples, ``K`` and ``(x, y)``.
+        ``{"keypoint": weight * mean |pred - target|}`` over the valid points and ``(x, y)``.
     """
     _check_same(pred, target, "keypoint_loss")
     if pred.dim() != 3 or pred.shape[-1] != 2:
         raise ValueError(f"keypoint_loss expects (B, K, 2) points, got {tuple(pred.shape)}")
-    keep = _valid("has_keypoints", has_keypoints, pred.shape[0], pred.device)
-    p, t = pred[keep].float(), target[keep].float()
+    keep = _point_mask(has_keypoints, pred.shape[0], pred.shape[1], pred.device)
+    p, t = pred[keep].float(), target[keep].float()  # (valid points, 2)
     if p.shape[0] == 0:
-        return {"keypoint": p.sum() * 0.0}
+        return {"keypoint": pred.sum() * 0.0}
     return {"keypoint": weight * (p - t).abs().mean()}
 
 
@@ -179,12 +190,13 @@ def keypoint_heatmap_loss(
         scores: ``(B, K, h, w)`` heatmap logits (the head's ``return_scores=True`` output).
         target: ``(B, K, 2)`` normalised ``(x, y)``; cell ``j`` of a ``w``-wide map is centred
             at ``(j + 0.5) / w``.
-        has_keypoints: ``(B,)`` bool (``None``: all valid).
+        has_keypoints: ``(B,)`` or ``(B, K)`` bool, as :func:`keypoint_loss` (``None``: all
+            valid).
         sigma: target width in cells, > 0.
         weight: multiplier.
 
     Returns:
-        ``{"keypoint_heatmap": weight * mean KL}`` over valid samples and keypoints.
+        ``{"keypoint_heatmap": weight * mean KL}`` over the valid keypoints.
     """
     if scores.dim() != 4 or target.dim() != 3 or scores.shape[:2] != target.shape[:2] \
             or target.shape[-1] != 2:
@@ -192,13 +204,13 @@ def keypoint_heatmap_loss(
                          f"points, got {tuple(scores.shape)} and {tuple(target.shape)}")
     if sigma <= 0:
         raise ValueError(f"keypoint_heatmap_loss needs sigma > 0, got {sigma}")
-    keep = _valid("has_keypoints", has_keypoints, scores.shape[0], scores.device)
-    s, t = scores[keep].float(), target[keep].float()
+    keep = _point_mask(has_keypoints, scores.shape[0], scores.shape[1], scores.device)
+    s, t = scores[keep].float(), target[keep].float()  # (N, h, w), (N, 2): the valid points
     if s.shape[0] == 0:
-        return {"keypoint_heatmap": s.sum() * 0.0}
+        return {"keypoint_heatmap": scores.sum() * 0.0}
     h, w = s.shape[-2:]
     centres = cell_centres(h, w, device=s.device, dtype=s.dtype)  # (h*w, 2)
     offset = (centres - t.unsqueeze(-2)) * torch.tensor([w, h], device=s.device, dtype=s.dtype)
-    goal = (-offset.pow(2).sum(-1) / (2 * sigma**2)).softmax(dim=-1)  # (N, K, h*w)
-    kl = F.kl_div(s.flatten(2).log_softmax(dim=-1), goal, reduction="none").sum(-1)
+    goal = (-offset.pow(2).sum(-1) / (2 * sigma**2)).softmax(dim=-1)  # (N, h*w)
+    kl = F.kl_div(s.flatten(1).log_softmax(dim=-1), goal, reduction="none").sum(-1)
     return {"keypoint_heatmap": weight * kl.mean()}

@@ -37,6 +37,7 @@ weights.  ``image_mean`` / ``image_std`` default to the directory's ``preprocess
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from pathlib import Path
@@ -336,7 +337,7 @@ HF_VISION_KINDS = {"siglip": "siglip_vision_model", "clip": "clip_vision_model",
                    "dinov2": "dinov2"}
 """``vision_config`` kind -> the ``transformers`` vision ``model_type`` built from ``config``."""
 
-VISION_KINDS = ("native", "pretrained", *HF_VISION_KINDS, "backbone")
+VISION_KINDS = ("native", "convnet", "pretrained", *HF_VISION_KINDS, "backbone")
 
 
 def _vision_kind(spec: dict) -> str:
@@ -356,6 +357,20 @@ def _hf_vision_config(spec: dict):
     return AutoConfig.for_model(HF_VISION_KINDS[kind], **spec.get("config", {}))
 
 
+def _convnet_default(name: str):
+    from echomoe.vision import ConvNet
+
+    return inspect.signature(ConvNet.__init__).parameters[name].default
+
+
+def native_vision_class(kind: str) -> type | None:
+    """The echomoe encoder class a ``native`` / ``convnet`` ``vision_config`` builds (its
+    other keys are that class's keyword arguments), else ``None``."""
+    from echomoe.vision import ConvNet, VisionTransformer
+
+    return {"native": VisionTransformer, "convnet": ConvNet}.get(kind)
+
+
 def vision_patch_size(vision_config: dict) -> int:
     """Patch size of the encoder a (non-backbone) ``vision_config`` describes, without
     building it."""
@@ -364,20 +379,26 @@ def vision_patch_size(vision_config: dict) -> int:
     if kind == "backbone":
         raise ValueError("vision_config kind 'backbone' has no patch size of its own; see "
                          "backbone_tokens_per_image")
-    patch = spec.get("patch_size", 16) if kind == "native" else _hf_vision_config(spec).patch_size
+    if kind == "native":
+        patch = spec.get("patch_size", 16)
+    elif kind == "convnet":
+        patch = 2 ** len(spec.get("widths", _convnet_default("widths")))
+    else:
+        patch = _hf_vision_config(spec).patch_size
     return int(image_hw(patch, "patch_size")[0])
 
 
 def build_vision_encoder(config) -> nn.Module:
-    """The image encoder described by ``config.vision_config`` (native, HF or pretrained)."""
-    from echomoe.vision import HFVisionEncoder, VisionTransformer
+    """The image encoder described by ``config.vision_config`` (native ViT, ConvNet, HF or
+    pretrained)."""
+    from echomoe.vision import HFVisionEncoder
 
     spec = dict(config.vision_config)
     kind = _vision_kind(spec)
-    if kind == "native":
+    native = native_vision_class(kind)
+    if native is not None:
         spec.pop("kind", None)
-        return VisionTransformer(image_size=config.image_size, in_channels=config.in_channels,
-                                 **spec)
+        return native(image_size=config.image_size, in_channels=config.in_channels, **spec)
     if kind == "pretrained":
         return HFVisionEncoder.from_pretrained(spec["path"])
     if kind == "backbone":

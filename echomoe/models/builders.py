@@ -182,6 +182,12 @@ def _moe_config(variant: str, dense_width: int, num_regions: int,
     return moe
 
 
+def _new_vision_kind(key: str, preset: dict[str, Any], override: dict[str, Any]) -> bool:
+    """Whether ``override`` is a ``vision_config`` of another encoder kind than ``preset``."""
+    return key == "vision_config" and isinstance(override, dict) and \
+        override.get("kind", preset.get("kind", "native")) != preset.get("kind", "native")
+
+
 def build_config(preset: str = "tiny", variant: str = "dense", **overrides) -> EchoMoEConfig:
     """The :class:`EchoMoEConfig` of ``preset`` x ``variant``, with overrides.
 
@@ -191,8 +197,10 @@ def build_config(preset: str = "tiny", variant: str = "dense", **overrides) -> E
         **overrides: :class:`EchoMoEConfig` fields (``image_size=64``, ``projector_pool=True``,
             ``regions=[...]``, ...).  ``vision_config``, ``text_config``, ``moe_config`` and
             ``grounding_config`` take dicts *merged* into the preset's (``moe_config=
-            {"num_experts": 8}`` keeps the other MoE settings).  ``backbone={"path": DIR}``
-            replaces the preset's vision and text configs by a pretrained VLM's
+            {"num_experts": 8}`` keeps the other MoE settings); a ``vision_config`` of
+            another ``kind`` than the preset's (``{"kind": "convnet", ...}``) replaces it.
+            ``backbone={"path": DIR}`` replaces the preset's vision and text configs by a
+            pretrained VLM's
             (:func:`~echomoe.models.backbone.backbone_config_kwargs`), so the MoE expert widths
             follow its LM's intermediate size.
 
@@ -210,7 +218,8 @@ def build_config(preset: str = "tiny", variant: str = "dense", **overrides) -> E
     for key, value in overrides.items():
         if key == "moe_config":
             continue
-        if key in _NESTED and key in kwargs and value is not None:
+        if key in _NESTED and key in kwargs and value is not None \
+                and not _new_vision_kind(key, kwargs[key], value):
             kwargs[key] = _merge(kwargs[key], value, key)
         else:
             kwargs[key] = copy.deepcopy(value)
@@ -245,23 +254,24 @@ def build_config(preset: str = "tiny", variant: str = "dense", **overrides) -> E
 def validate_config(config: EchoMoEConfig) -> None:
     """Check a config against the blocks that consume it; raises ``ValueError`` on mismatch.
 
-    Native ``vision_config`` keys against :class:`~echomoe.vision.VisionTransformer`,
+    Native ``vision_config`` keys against :class:`~echomoe.vision.VisionTransformer` (or
+    :class:`~echomoe.vision.ConvNet` for ``kind: convnet``),
     ``moe_config`` keys against ``moefy`` / ``build_moe_layer`` (causal router, region count),
     image / patch / pooling arithmetic, and the special token ids against the vocabulary.
     """
+    from echomoe.models.backbone import native_vision_class
     from echomoe.models.processor import image_tokens_per_image
-    from echomoe.vision import VisionTransformer
 
     spec = dict(config.vision_config)
-    if spec.get("kind", "native") == "native":
-        spec.pop("kind", None)
-        valid = set(inspect.signature(VisionTransformer.__init__).parameters) - {
+    native = native_vision_class(spec.pop("kind", "native"))
+    if native is not None:
+        valid = set(inspect.signature(native.__init__).parameters) - {
             "self", "image_size", "in_channels"}
         bad = set(spec) - valid
         if bad:
-            raise ValueError(f"unknown vision_config keys {sorted(bad)}; valid: kind, "
-                             f"{', '.join(sorted(valid))} (image_size and in_channels are "
-                             "top-level config fields)")
+            raise ValueError(f"unknown vision_config keys {sorted(bad)} for {native.__name__}; "
+                             f"valid: kind, {', '.join(sorted(valid))} (image_size and "
+                             "in_channels are top-level config fields)")
     image_tokens_per_image(config)  # raises on patch / pooling mismatch
     moe = config.moe_config
     if moe is not None:

@@ -4,7 +4,8 @@ It nests four parts, each a plain dict of keyword arguments for the block that c
 (validated against that block's signature, so an unknown key is an error that lists the valid
 ones), plus the text model's own ``transformers`` config:
 
-* ``vision_config``: ``{"kind": "native", ...VisionTransformer kwargs}`` or
+* ``vision_config``: ``{"kind": "native", ...VisionTransformer kwargs}``,
+  ``{"kind": "convnet", ...ConvNet kwargs}`` (a ConvNeXt-style CNN), or
   ``{"kind": "siglip" | "clip" | "dinov2", "config": {...HF config dict}}`` or
   ``{"kind": "pretrained", "path": "/local/dir"}``, or ``{"kind": "backbone"}`` (set by
   ``backbone``).
@@ -57,6 +58,7 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "moe_z": 0.001,
     "moe_region": 0.01,
     "region_cls": 0.1,
+    "diagnosis_cls": 1.0,  # the image-level diagnosis classifier (with ``diagnoses`` only)
 }
 
 SPECIAL_TOKENS = ("image", "seg", "det", "kpt")
@@ -99,6 +101,10 @@ class EchoMoEConfig(PretrainedConfig):
         regions: region names; their indices are routing ids.
         predict_region: route every sample without a region id (none given, or ``-1``) with
             the region classifier's prediction.
+        diagnoses: labels of an auxiliary image-level diagnosis classifier on the pooled
+            vision tokens (loss ``diagnosis_cls`` against ``diagnosis_ids``): a direct signal
+            that teaches the vision tower what the reports and answers need it to see.
+            ``None``: no such classifier.
         image_token_id, seg_token_id, det_token_id, kpt_token_id: tokenizer ids.
         loss_weights: overrides of :data:`DEFAULT_LOSS_WEIGHTS`.
         lm_loss_reduction: how the ``lm`` loss weighs examples: ``"token"`` (mean over the
@@ -134,6 +140,7 @@ class EchoMoEConfig(PretrainedConfig):
         in_channels: int = 1,
         regions: list[str] | tuple[str, ...] = REGIONS,
         predict_region: bool = True,
+        diagnoses: list[str] | tuple[str, ...] | None = None,
         image_token_id: int = 3,
         seg_token_id: int = 4,
         det_token_id: int = 5,
@@ -197,6 +204,13 @@ class EchoMoEConfig(PretrainedConfig):
         self.in_channels = in_channels
         self.regions = list(regions)
         self.predict_region = predict_region
+        if diagnoses is not None:
+            diagnoses = list(diagnoses)
+            if not diagnoses or not all(isinstance(d, str) and d for d in diagnoses) \
+                    or len(set(diagnoses)) != len(diagnoses):
+                raise ValueError(f"diagnoses must be distinct non-empty label strings, got "
+                                 f"{diagnoses}")
+        self.diagnoses = diagnoses
         self.image_token_id = image_token_id
         self.seg_token_id = seg_token_id
         self.det_token_id = det_token_id

@@ -10,7 +10,8 @@ Data flow (see ``DESIGN.md``)::
 
 ``forward`` returns the total loss, the raw named losses (``lm``, ``seg_bce``, ``seg_dice``,
 ``box_l1``, ``box_giou``, ``keypoint``, ``moe_balance``, ``moe_z``, ``moe_region``,
-``region_cls``; each present when its inputs are), logits, grounding predictions and routing.
+``region_cls``, ``diagnosis_cls``; each present when its inputs are), logits, grounding
+predictions and routing.
 The total is ``sum(config.loss_weights[name] * loss)``.  With ``config.backbone`` the encoder,
 projector and LM are a pretrained VLM's own (:mod:`echomoe.models.backbone`).
 """
@@ -74,6 +75,8 @@ class EchoMoEOutput(CausalLMOutputWithPast):
         pred_boxes: ``(B, 4)`` normalised ``(cx, cy, w, h)`` at ``[DET]``.
         pred_keypoints: ``(B, K, 2)`` normalised points at ``[KPT]``.
         region_logits: ``(B, R)`` region classifier logits (when images were given).
+        diagnosis_logits: ``(B, len(config.diagnoses))`` diagnosis classifier logits (when
+            images were given and the config has ``diagnoses``).
         region_ids: ``(B,)`` the region ids the experts were routed with.
         routing: per-layer :class:`~echomoe.moe.layer.RoutingInfo` of the LM's MoE layers.
     """
@@ -83,6 +86,7 @@ class EchoMoEOutput(CausalLMOutputWithPast):
     pred_boxes: Tensor | None = None
     pred_keypoints: Tensor | None = None
     region_logits: Tensor | None = None
+    diagnosis_logits: Tensor | None = None
     region_ids: Tensor | None = None
     routing: dict[str, RoutingInfo] | None = None
 
@@ -97,6 +101,17 @@ def _initialise_missing(model: nn.Module, names: Sequence[str]) -> None:
         for name in names:
             if name in own and name in fresh:
                 own[name].copy_(fresh[name].to(own[name].dtype))
+
+
+def _diagnosis_ids(ids: Tensor, batch: int, num_labels: int) -> Tensor:
+    """Check ``diagnosis_ids`` is ``(B,)`` integer in ``[-1, num_labels)``."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape != (batch,):
+        raise ValueError(f"diagnosis_ids must be a ({batch},) integer tensor, got "
+                         f"{tuple(ids.shape)} {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_labels):
+        raise ValueError(f"diagnosis_ids must be in [-1, {num_labels}) (indices in "
+                         f"config.diagnoses, -1 unknown), got {ids.tolist()}")
+    return ids.long()
 
 
 _PASSTHROUGH_KWARGS = frozenset({
@@ -174,6 +189,8 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
             self.projector = Projector(self.vision.hidden_size, lm_dim, pool=config.projector_pool)
         vision_dim = self.vision.hidden_size  # features the region classifier / pixel decoder read
         self.region_classifier = RegionClassifier(vision_dim, config.num_regions)
+        self.diagnosis_classifier = (RegionClassifier(vision_dim, len(config.diagnoses))
+                                     if config.diagnoses else None)
         self.language_model = (language_model if language_model is not None
                                else build_language_model(config))
         if config.moe_config:
@@ -338,6 +355,8 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         has_mask: Tensor | None = None,
         has_box: Tensor | None = None,
         has_keypoints: Tensor | None = None,
+        keypoint_mask: Tensor | None = None,
+        diagnosis_ids: Tensor | None = None,
         cache: Any = None,
         past_key_values: Any = None,
         position_ids: Tensor | None = None,
@@ -348,7 +367,9 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         """Run the VLM. Shapes: ``input_ids (B, T)``, ``pixel_values (B, N, C, H, W)``,
         ``region_ids (B,)`` (-1 unknown), ``labels (B, T)`` (-100 ignored), ``masks (B, H, W)``,
         ``boxes (B, 4)`` normalised ``(cx, cy, w, h)``, ``keypoints (B, K, 2)`` normalised;
-        ``has_*`` ``(B,)`` flags (default: all samples have the target when it is given).
+        ``has_*`` ``(B,)`` flags (default: all samples have the target when it is given);
+        ``keypoint_mask (B, K)`` the points that exist (a sample with fewer than ``K``);
+        ``diagnosis_ids (B,)`` indices in ``config.diagnoses`` (-1 unknown).
         ``cache`` is the LM cache (``past_key_values``, its name before transformers 5.24, is
         accepted as well). Extra collator keys (``task_ids``, ``pixel_spacing``,
         ``original_sizes``) and the flags ``generate`` / ``Trainer`` pass (``return_dict``,
@@ -372,7 +393,10 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         embeds = self.get_input_embeddings()(input_ids)
         losses: dict[str, Tensor] = {}
         images = None
-        region_logits = None
+        region_logits = diagnosis_logits = None
+        if diagnosis_ids is not None and self.diagnosis_classifier is None:
+            raise ValueError("diagnosis_ids given, but the config has no diagnoses (set "
+                             "EchoMoEConfig.diagnoses for a diagnosis classifier)")
         if region_ids is not None:
             region_ids = validate_region_ids(region_ids.to(input_ids.device), b,
                                              self.config.num_regions)
@@ -388,6 +412,12 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
                 predicted = region_logits.argmax(dim=-1).detach()
                 region_ids = predicted if region_ids is None else torch.where(
                     region_ids >= 0, region_ids, predicted)
+            if self.diagnosis_classifier is not None:
+                diagnosis_logits = self.diagnosis_classifier(images["pooled_tokens"])
+                if diagnosis_ids is not None:
+                    losses["diagnosis_cls"] = self.diagnosis_classifier.loss(
+                        diagnosis_logits, _diagnosis_ids(diagnosis_ids.to(input_ids.device), b,
+                                                         len(self.config.diagnoses)))
             for key, value in self.vision.aux_losses.items():
                 losses[f"vision_{_MOE_LOSS_NAMES.get(key, key)}"] = value
         elif (input_ids == self.config.image_token_id).any() and cache is None:
@@ -397,7 +427,7 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
         need_hidden = grounding or images is not None
         # MoE aux losses are for training and evaluation; generate() and other unsupervised
         # forwards without gradients skip them.
-        supervised = labels is not None or grounding
+        supervised = labels is not None or grounding or diagnosis_ids is not None
         # transformers' own loss is the token mean; other reductions, and the loss from the
         # supervised positions' logits only, are computed here (echomoe.models.losses).
         sparse = labels is not None and self.config.labels_only_logits
@@ -430,7 +460,8 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
             losses[_MOE_LOSS_NAMES.get(key, f"moe_{key}")] = value
 
         preds = self._ground(input_ids, out.hidden_states, images, masks, boxes, keypoints,
-                             has_mask, has_box, has_keypoints, losses) if need_hidden else {}
+                             has_mask, has_box, has_keypoints, keypoint_mask,
+                             losses) if need_hidden else {}
         weights = self.config.loss_weights
         total = None
         if supervised and losses:
@@ -439,11 +470,12 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
             loss=total, losses=losses, logits=logits, **{CACHE_NAME: getattr(out, CACHE_NAME)},
             pred_masks=preds.get("masks"), pred_boxes=preds.get("boxes"),
             pred_keypoints=preds.get("keypoints"), region_logits=region_logits,
-            region_ids=region_ids, routing=self.routing_context.routing(),
+            diagnosis_logits=diagnosis_logits, region_ids=region_ids,
+            routing=self.routing_context.routing(),
         )
 
     def _ground(self, input_ids, hidden_states, images, masks, boxes, keypoints, has_mask,
-                has_box, has_keypoints, losses) -> dict[str, Tensor]:
+                has_box, has_keypoints, keypoint_mask, losses) -> dict[str, Tensor]:
         hidden = hidden_states[-1]  # (B, T, D_lm)
         preds: dict[str, Tensor] = {}
         cfg = self.config
@@ -477,6 +509,12 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
             preds["keypoints"], scores = out if maps else (out, None)
             if keypoints is not None:
                 flags = _flags(has_keypoints, keypoints.shape[0], keypoints.device) & has_kpt
+                if keypoint_mask is not None:
+                    if keypoint_mask.shape != keypoints.shape[:2]:
+                        raise ValueError(f"keypoint_mask must be {tuple(keypoints.shape[:2])} "
+                                         f"(one flag per keypoint), got "
+                                         f"{tuple(keypoint_mask.shape)}")
+                    flags = flags[:, None] & keypoint_mask.to(flags.device, torch.bool)
                 target = keypoints.to(hidden.dtype)
                 losses.update(keypoint_loss(preds["keypoints"], target, flags))
                 if maps:

@@ -81,15 +81,31 @@ def load_splits(cfg) -> dict[str, list]:
     return splits
 
 
-def build_model_and_processor(cfg, train_samples=None):
+def diagnosis_labels(samples) -> list[str]:
+    """The sorted diagnosis labels of ``samples`` (those with one); raises when none has."""
+    labels = sorted({s.diagnosis for s in samples if s.diagnosis is not None})
+    if not labels:
+        raise ValueError("model.diagnosis_head: no sample has a diagnosis label")
+    return labels
+
+
+def build_model_and_processor(cfg, train_samples=None, *, label_samples=None):
     """``(model, processor)`` for ``cfg.model`` (random init).  The tokenizer: a local
     directory (``model.tokenizer``), a byte-level BPE trained offline on ``train_samples``'
-    texts (``model.tokenizer: train_split``), or one trained on synthetic texts (``None``)."""
+    texts (``model.tokenizer: train_split``), or one trained on synthetic texts (``None``).
+    ``model.diagnosis_head`` gives the model a diagnosis classifier whose classes are the
+    diagnosis labels of ``label_samples`` (default ``train_samples``; :func:`run_experiment`
+    passes every split, so a label that only the test split has is a class, never an error)."""
     from echomoe.data.tokenizer import load_tokenizer, train_tokenizer
     from echomoe.models.builders import build_processor, corpus_texts
     from echomoe.models.modeling import EchoMoEForConditionalGeneration
 
     config = cfg.model.build_config()
+    if cfg.model.diagnosis_head:
+        label_samples = train_samples if label_samples is None else label_samples
+        if not label_samples:
+            raise ValueError("model.diagnosis_head needs samples with diagnosis labels")
+        config.diagnoses = diagnosis_labels(label_samples)
     tokenizer = None
     if cfg.model.tokenizer_from_train_split():
         if not train_samples:
@@ -111,7 +127,7 @@ def make_collator(model, processor, max_length: int | None = None):
     config = model.config
     return VLMCollator(processor.tokenizer, model.tokens_per_image, config.image_size,
                        max_length, num_keypoints=config.grounding_config["num_keypoints"],
-                       regions=tuple(config.regions))
+                       regions=tuple(config.regions), diagnoses=config.diagnoses)
 
 
 class RoutingProbe:
@@ -215,7 +231,9 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     for split in (cfg.data.train_split, cfg.data.eval_split, cfg.data.test_split):
         if not splits.get(split):
             raise ValueError(f"data split {split!r} is missing or empty; have {sorted(splits)}")
-    model, processor = build_model_and_processor(cfg, splits[cfg.data.train_split])
+    model, processor = build_model_and_processor(
+        cfg, splits[cfg.data.train_split],
+        label_samples=[s for split in splits.values() for s in split])
     model.to(world.device if world.world_size > 1 and t.device == "auto" else _device(t.device))
     if t.lora.enabled:
         apply_lora(model, target_modules=t.lora.target_modules, r=t.lora.r, alpha=t.lora.alpha,

@@ -10,8 +10,10 @@ Quick tour::
     embeds = Projector(96, 256, pool=True)(tokens)       # (B, N/4, 256)
     region = RegionClassifier(96, num_regions=7).predict(tokens)  # (B,)
     enc.aux_losses                                       # MoE aux losses of that forward
+    cnn = ConvNet(image_size=64, widths=(16, 32, 48), depths=(1, 1, 2))  # same face, stride 8
 """
 
+from echomoe.vision.convnet import ConvBlock, ConvNet, build_conv_block
 from echomoe.vision.encoder import (
     VISION_ROUTERS,
     Attention,
@@ -27,11 +29,14 @@ __all__ = [
     "VISION_ROUTERS",
     "Attention",
     "Block",
+    "ConvBlock",
+    "ConvNet",
     "HFVisionEncoder",
     "ImageEncoder",
     "Projector",
     "RegionClassifier",
     "VisionTransformer",
+    "build_conv_block",
     "build_vit_block",
     "pool_tokens_2x2",
 ]

@@ -85,14 +85,15 @@ class Projector(nn.Module):
 
 
 class RegionClassifier(nn.Module):
-    """Predict the anatomical region from mean-pooled image features.
+    """Predict the anatomical region (or any image-level label) from mean-pooled features.
 
     ``LayerNorm -> Linear -> GELU -> Linear`` on the token mean; lets MoE routing use a
-    *predicted* region when none is given.
+    *predicted* region when none is given.  The VLM's diagnosis classifier is one too, with
+    its labels as the classes.
 
     Args:
         in_dim: ``C``.
-        num_regions: ``R``.
+        num_regions: ``R``, the number of classes.
         hidden_dim: MLP width (default ``in_dim``).
     """
 
@@ -109,7 +110,7 @@ class RegionClassifier(nn.Module):
         """``(B, N, C)`` tokens (or already pooled ``(B, C)``) -> logits ``(B, R)``."""
         if features.dim() not in (2, 3) or features.shape[-1] != self.in_dim:
             raise ValueError(
-                f"RegionClassifier expected features (batch, tokens, {self.in_dim}) or "
+                f"{type(self).__name__} expected features (batch, tokens, {self.in_dim}) or "
                 f"(batch, {self.in_dim}), got {tuple(features.shape)}"
             )
         pooled = features.mean(dim=1) if features.dim() == 3 else features

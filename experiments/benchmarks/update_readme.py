@@ -5,7 +5,7 @@
 
 Replaces the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` where ``NAME`` is
 the JSON's ``benchmark`` field (``moe_layer``, ``train_step``, ``decode``, ``synthetic_data``,
-``upcycle_fidelity``, ``generation``),
+``upcycle_fidelity``, ``generation``, ``encoders``),
 or, with ``--demo``, the demo blocks the README has, from a demo sweep's ``summary.json`` files:
 ``demo`` (headline metrics of seed 0), ``demo_seeds`` (over seeds) and ``demo_comparison``
 (priors, blind runs, significance and per-region tables).
@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import data  # noqa: E402
 import decode  # noqa: E402
+import encoders  # noqa: E402
 import generation  # noqa: E402
 import moe_layer  # noqa: E402
 import train_step  # noqa: E402
@@ -29,7 +30,8 @@ import upcycle_fidelity  # noqa: E402
 
 RENDERERS = {"moe_layer": moe_layer.table, "train_step": train_step.table,
              "decode": decode.table, "synthetic_data": data.table,
-             "upcycle_fidelity": upcycle_fidelity.table, "generation": generation.table}
+             "upcycle_fidelity": upcycle_fidelity.table, "generation": generation.table,
+             "encoders": encoders.table}
 
 
 def render(payload: dict) -> str:

@@ -328,9 +328,46 @@ def test_collator_grounding_labels(tokenizer):
     # a length in mm from normalised keypoints: 7 px x 0.1 mm
     d = (batch["keypoints"][0, 1] - batch["keypoints"][0, 0]) * torch.tensor([W, H])
     assert float(d.norm() * batch["pixel_spacing"][0]) == pytest.approx(0.7)
+    assert batch["keypoint_mask"].tolist() == [[True, True], [False, False], [False, False]]
     # resized masks stay binary
     small = VLMCollator(tokenizer, 2, 8)(feats[:1])
     assert set(small["masks"].unique().tolist()) <= {0.0, 1.0} and small["masks"].sum() > 0
+
+
+def test_collator_supervises_the_points_a_sample_has(tokenizer):
+    """With ``num_keypoints`` a sample with fewer points (a 2-point LV diameter among 4-point
+    calipers) keeps its points, flagged in ``keypoint_mask``; one with none has no label."""
+    target = f"{KPT_TOKEN}"
+    two = full_sample("two")  # long_a, long_b and whatever else it has
+    two.keypoints = {"a": (4.0, 5.0), "b": (11.0, 5.0)}
+    four = full_sample("four")
+    four.keypoints = {f"p{i}": (float(i), 2.0 * i) for i in range(5)}
+    none = full_sample("none")
+    none.keypoints = {}
+    feats = [{"sample": s, "prompt": f"{IMAGE_TOKEN * 2}\nx\n", "target": target}
+             for s in (two, four, none)]
+    batch = VLMCollator(tokenizer, 2, (H, W), num_keypoints=4)(feats)
+    assert batch["has_keypoints"].tolist() == [True, True, False]
+    assert batch["keypoint_mask"].tolist() == [[True, True, False, False], [True] * 4,
+                                               [False] * 4]
+    assert torch.allclose(batch["keypoints"][0, :2],
+                          torch.tensor([[4.5 / W, 5.5 / H], [11.5 / W, 5.5 / H]]))
+    assert batch["keypoints"][0, 2:].abs().sum() == 0 and batch["keypoints"][2].abs().sum() == 0
+    assert torch.allclose(batch["keypoints"][1, 3], torch.tensor([3.5 / W, 6.5 / H]))
+
+
+def test_collator_diagnosis_ids_for_every_row_of_a_diagnosed_image(tokenizer):
+    feats = [{"sample": s, "prompt": f"{IMAGE_TOKEN * 2}\nx\n", "target": "t"}
+             for s in (full_sample("a"), full_sample("b"), full_sample("c"))]
+    feats[0]["sample"].diagnosis = "tr4"
+    feats[1]["sample"].diagnosis = None
+    feats[2]["sample"].diagnosis = "normal"
+    batch = VLMCollator(tokenizer, 2, (H, W), diagnoses=("normal", "tr2", "tr4"))(feats)
+    assert batch["diagnosis_ids"].tolist() == [2, -1, 0]
+    assert "diagnosis_ids" not in VLMCollator(tokenizer, 2, (H, W))(feats)
+    with pytest.raises(ValueError, match=r"sample 'a': diagnosis 'tr4' is not one of the "
+                                         r"model's diagnoses \(normal, tr2\)"):
+        VLMCollator(tokenizer, 2, (H, W), diagnoses=("normal", "tr2"))(feats)
 
 
 def test_collator_errors_and_truncation(tokenizer):

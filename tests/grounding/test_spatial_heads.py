@@ -111,6 +111,21 @@ def test_pixel_decoder_image_stem_shapes_and_errors():
     torch.testing.assert_close(plain(feats, image), plain(feats))  # ignored without a stem
 
 
+def test_keypoint_loss_per_point_flags_average_only_the_points_that_exist():
+    from echomoe.grounding import keypoint_loss
+
+    pred = torch.zeros(2, 3, 2)
+    target = torch.tensor([[[0.1, 0.2], [0.3, 0.4], [9.0, 9.0]],
+                           [[0.5, 0.5], [9.0, 9.0], [9.0, 9.0]]])  # 9: padding, not a point
+    points = torch.tensor([[True, True, False], [True, False, False]])
+    got = keypoint_loss(pred, target, points, weight=2.0)["keypoint"]
+    assert float(got) == pytest.approx(2.0 * (0.1 + 0.2 + 0.3 + 0.4 + 0.5 + 0.5) / 6)
+    per_sample = keypoint_loss(pred, target, torch.tensor([True, False]))["keypoint"]
+    assert float(per_sample) == pytest.approx((0.1 + 0.2 + 0.3 + 0.4 + 18.0) / 6)
+    assert float(keypoint_loss(pred, target, torch.zeros(2, 3, dtype=torch.bool))["keypoint"]) \
+        == 0.0
+
+
 def test_keypoint_heatmap_loss_matches_kl_div_and_is_zero_at_the_target_map():
     from echomoe.grounding import keypoint_heatmap_loss
 
@@ -138,6 +153,13 @@ def test_keypoint_heatmap_loss_matches_kl_div_and_is_zero_at_the_target_map():
     assert float(shifted["keypoint_heatmap"]) > 0.1
     none = keypoint_heatmap_loss(scores, target, torch.tensor([False, False]))
     assert float(none["keypoint_heatmap"].detach()) == 0.0
+    # per-point flags: sample 0's second point only -> the mean over that one point
+    points = torch.tensor([[False, True], [False, False]])
+    one = keypoint_heatmap_loss(scores, target, points, sigma=sigma)["keypoint_heatmap"]
+    one_want = torch.nn.functional.kl_div(log_pred[1:], goal[1:], reduction="none").sum()
+    torch.testing.assert_close(one, one_want)
+    with pytest.raises(ValueError, match=r"has_keypoints must be \(2,\) or \(2, 2\)"):
+        keypoint_heatmap_loss(scores, target, torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"\(B, K, h, w\) scores"):
         keypoint_heatmap_loss(torch.randn(2, 3, h, w), target, None)
     with pytest.raises(ValueError, match="sigma"):

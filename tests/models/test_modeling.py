@@ -86,6 +86,34 @@ def test_heatmap_heads_and_image_stem_train_and_ground():
         make_model("dense", grounding_config={"box_head": "conv"})
 
 
+def test_convnet_vision_trains_grounds_and_round_trips(tmp_path):
+    """``vision_config kind: convnet`` feeds the projector, the region classifier and the pixel
+    decoder like the ViT: every parameter learns, and the saved config rebuilds it."""
+    from echomoe.models import build_model
+    from echomoe.vision import ConvNet
+
+    torch.manual_seed(0)
+    model = build_model("tiny", "moe_region_soft", vision_config={
+        "kind": "convnet", "widths": [12, 20, 40], "depths": [1, 0, 2], "kernel_size": 3})
+    assert isinstance(model.vision, ConvNet) and model.vision.patch_size == 8
+    assert model.config.vision_config == {"kind": "convnet", "widths": [12, 20, 40],
+                                          "depths": [1, 0, 2], "kernel_size": 3}
+    assert model.tokens_per_image == (32 // 8) ** 2
+    inputs = batch(model)
+    out = model(**inputs)
+    assert {"lm", "seg_bce", "box_l1", "keypoint", "region_cls"} <= set(out.losses)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    model.save_pretrained(tmp_path)
+    loaded = EchoMoEForConditionalGeneration.from_pretrained(tmp_path).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+    with pytest.raises(ValueError, match=r"unknown vision_config keys \['stem'\] for ConvNet"):
+        build_model("tiny", vision_config={"kind": "convnet", "stem": "conv"})
+
+
 def test_keypoint_heatmap_loss_is_off_by_default_and_weighted_when_on():
     model = make_model("topk")
     inputs = batch(model)
@@ -98,6 +126,54 @@ def test_keypoint_heatmap_loss_is_off_by_default_and_weighted_when_on():
     with pytest.raises(ValueError, match="keypoint_head='heatmap'"):
         make_model("topk", loss_weights={"keypoint_heatmap": 1.0},
                    grounding_config={"keypoint_head": "mlp"})
+
+
+def test_keypoint_mask_leaves_missing_points_out_of_the_loss():
+    model = make_model("topk")
+    inputs = batch(model)
+    full = model(**inputs).losses["keypoint"]
+    mask = torch.tensor([[True, True, False, False], [True] * 4])
+    moved = {**inputs, "keypoints": inputs["keypoints"].clone()}
+    moved["keypoints"][0, 2:] = 5.0  # padding where the mask is False: must not count
+    masked = model(**moved, keypoint_mask=mask).losses["keypoint"]
+    pred = model(**inputs).pred_keypoints.detach()
+    want = (pred - inputs["keypoints"]).abs()[mask].mean()
+    torch.testing.assert_close(masked.detach(), want)
+    assert not torch.isclose(masked, full)
+    with pytest.raises(ValueError, match=r"keypoint_mask must be \(2, 4\)"):
+        model(**inputs, keypoint_mask=mask[:, :2])
+
+
+def test_diagnosis_classifier_learns_from_diagnosis_ids_and_round_trips(tmp_path):
+    labels = ["normal", "birads_3", "tr4"]
+    model = make_model("topk", diagnoses=labels)
+    inputs = batch(model)
+    ids = torch.tensor([2, -1])
+    out = model(**inputs, diagnosis_ids=ids)
+    assert out.diagnosis_logits.shape == (2, 3)
+    want = torch.nn.functional.cross_entropy(out.diagnosis_logits[:1], ids[:1])
+    torch.testing.assert_close(out.losses["diagnosis_cls"], want)
+    total = sum(model.config.loss_weights[k] * v for k, v in out.losses.items())
+    torch.testing.assert_close(out.loss, total)
+    out.loss.backward()
+    assert model.diagnosis_classifier.fc2.weight.grad.abs().sum() > 0
+    assert model.vision.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert "diagnosis_cls" not in model(**inputs).losses  # no ids, no loss
+    model.save_pretrained(tmp_path)
+    loaded = EchoMoEForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.diagnoses == labels
+    torch.testing.assert_close(loaded.diagnosis_classifier.fc2.weight,
+                               model.diagnosis_classifier.fc2.weight)
+    with pytest.raises(ValueError, match=r"diagnosis_ids must be in \[-1, 3\)"):
+        model(**inputs, diagnosis_ids=torch.tensor([3, 0]))
+    with pytest.raises(ValueError, match=r"must be a \(2,\) integer tensor"):
+        model(**inputs, diagnosis_ids=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="the config has no diagnoses"):
+        make_model("topk")(**inputs, diagnosis_ids=ids)
+    assert make_model("topk").diagnosis_classifier is None
+    for bad in ([], ["normal", "normal"], ["normal", ""]):
+        with pytest.raises(ValueError, match="distinct non-empty label strings"):
+            EchoMoEConfig(diagnoses=bad)
 
 
 def test_several_images_per_sample():

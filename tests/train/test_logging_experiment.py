@@ -127,7 +127,8 @@ def test_train_script_main_tiny_config(tmp_path, monkeypatch):
         "train.warmup=1", "train.eval_every=2", "train.batch_size=4", "data.n=16",
         "data.synthetic.image_size=32", "eval.num_samples=4", "eval.max_new_tokens=4",
         "model.variant=moe_topk", "model.corpus_samples=16", "logging.mode=disabled",
-        "logging.log_every=1", "train.group_by_length=true", f"output_dir={out}"])
+        "logging.log_every=1", "train.group_by_length=true", "model.diagnosis_head=true",
+        f"output_dir={out}"])
     assert status == 0 and time.perf_counter() - started < 60
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished"
@@ -137,9 +138,12 @@ def test_train_script_main_tiny_config(tmp_path, monkeypatch):
     assert values and all(math.isfinite(v) for v in values)
     assert (out / "model" / "config.json").exists()
     assert (out / "model" / "processor_config.json").exists()
+    diagnoses = json.loads((out / "model" / "config.json").read_text())["diagnoses"]
+    assert diagnoses == sorted(diagnoses) and "renal_stone" in diagnoses  # a test-only label
     rows = _rows(out / "metrics.jsonl")
     steps = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in steps] == [1, 2, 3] and "moe/mean/load_cv" in steps[0]
+    assert any("diagnosis_cls" in key for key in steps[0])
     assert any("eval/loss" in r for r in rows) and any("test/segment/dice" in r for r in rows)
     assert not (out / "wandb").exists()
 

@@ -1,6 +1,7 @@
 """echomoe.vision: every encoder kind through the same checks (timm style), projector, classifier.
 
-Tiny uneven configs (hidden 32, FFN 37, 2 blocks, 32x32 images, patch 8 -> a 4x4 grid).
+Tiny uneven configs (hidden 32, FFN 37, 2 blocks, 32x32 images, patch 8 -> a 4x4 grid; the
+ConvNets: stages 12-20-32 wide, output stride 8, FFN 48).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 
 from echomoe.moe import DenseFFN, MoELayer, SoftMoE
 from echomoe.vision import (
+    ConvNet,
     HFVisionEncoder,
     ImageEncoder,
     Projector,
@@ -21,8 +23,9 @@ from echomoe.vision import (
 B, C, IMG, PATCH, DEPTH = 2, 32, 32, 8, 2
 GRID = IMG // PATCH
 NATIVE = ("native_dense", "native_expert_choice", "native_soft", "native_conv_stem")
+CONVNET = ("convnet_dense", "convnet_expert_choice", "convnet_soft")
 HF = ("hf_siglip", "hf_clip", "hf_dinov2", "hf_dinov2_registers")
-KINDS = NATIVE + HF
+KINDS = NATIVE + CONVNET + HF
 
 # Parameters that legitimately get no gradient from patch tokens: CLIP's post_layernorm only
 # normalises the pooled cls output, DINOv2's mask_token is for masked image modelling.
@@ -53,6 +56,13 @@ def hf_config(kind: str, in_channels: int = 3):
 def make(kind: str, in_channels: int = 3) -> ImageEncoder:
     if kind in HF:
         return HFVisionEncoder.from_config(hf_config(kind, in_channels))
+    if kind in CONVNET:
+        moe = {"convnet_dense": {},
+               "convnet_expert_choice": dict(moe_layers="all", router="expert_choice",
+                                             num_experts=3),
+               "convnet_soft": dict(moe_layers=[1], router="soft", num_experts=3)}[kind]
+        return ConvNet(image_size=IMG, in_channels=in_channels, widths=(12, 20, C),
+                       depths=(1, 0, DEPTH), kernel_size=3, mlp_ratio=1.5, **moe)
     moe = {"native_dense": {},
            "native_expert_choice": dict(moe_layers="all", router="expert_choice", num_experts=3),
            "native_soft": dict(moe_layers=[1], router="soft", num_experts=3),
@@ -92,10 +102,10 @@ def test_shapes_no_nan_and_aux_losses(kind):
     tokens, maps = enc.forward_intermediates(x, [0, -1])
     assert len(maps) == 2 and all(m.shape == (B, C, GRID, GRID) for m in maps)
     assert torch.isfinite(tokens).all() and all(torch.isfinite(m).all() for m in maps)
-    if kind == "native_expert_choice":
+    if kind in ("native_expert_choice", "convnet_expert_choice"):
         assert set(enc.aux_losses) == {"z"} and enc.aux_losses["z"].requires_grad
         assert set(enc.routing) == {"blocks.0", "blocks.1"}
-    elif kind == "native_soft":
+    elif kind in ("native_soft", "convnet_soft"):
         assert set(enc.routing) == {"blocks.1"}
     else:
         assert enc.aux_losses == {} and enc.routing == {}
@@ -111,14 +121,17 @@ def test_shapes_no_nan_and_aux_losses(kind):
         assert torch.allclose(grid_tokens, tokens, atol=1e-5)
 
 
-def test_ffns_are_the_moe_library_blocks():
-    dense, ec, soft = (make(k) for k in NATIVE[:3])
+@pytest.mark.parametrize("kinds", [NATIVE[:3], CONVNET])
+def test_ffns_are_the_moe_library_blocks(kinds):
+    dense, ec, soft = (make(k) for k in kinds)
     assert all(isinstance(b.ffn, DenseFFN) for b in dense.blocks)
     assert all(isinstance(b.ffn, MoELayer) for b in ec.blocks)
     assert isinstance(soft.blocks[0].ffn, DenseFFN) and isinstance(soft.blocks[1].ffn, SoftMoE)
     with pytest.raises(ValueError, match="expert_choice, soft"):
         VisionTransformer(image_size=IMG, patch_size=PATCH, hidden_size=C, depth=1, num_heads=4,
                           moe_layers="all", router="topk")
+    with pytest.raises(ValueError, match="expert_choice, soft"):
+        ConvNet(image_size=IMG, widths=(8, C), depths=(0, 1), moe_layers="all", router="topk")
 
 
 def test_gradients_reach_every_parameter(kind):
@@ -162,7 +175,7 @@ def test_other_image_sizes(kind):
         assert enc(torch.randn(B, 1, 48, 48)).shape == (B, 36, C)
         _, maps = enc.forward_intermediates(torch.randn(B, 1, 48, 48), [0])
         assert maps[0].shape == (B, C, 6, 6)
-        if kind in NATIVE or kind in ("hf_siglip", "hf_clip"):  # non-square input
+        if kind in NATIVE + CONVNET or kind in ("hf_siglip", "hf_clip"):  # non-square input
             assert enc(torch.randn(B, 1, 32, 48)).shape == (B, 24, C)
 
 
@@ -204,6 +217,51 @@ def test_conv_stem_shapes_and_errors():
     with pytest.raises(ValueError, match="stem_channels needs stem='conv'"):
         VisionTransformer(image_size=IMG, patch_size=PATCH, hidden_size=C, depth=1,
                           num_heads=4, stem_channels=[8, 16, 32])
+
+
+def test_convnet_layout():
+    enc = make("convnet_dense", in_channels=1)
+    downs = [m for m in enc.stem.modules() if isinstance(m, torch.nn.Conv2d) and m.stride[0] == 2]
+    # three stride-2 stages 12 -> 20 -> 32 wide; one block after the first, none after the second
+    assert [(m.in_channels, m.out_channels) for m in downs] == [(1, 12), (12, 20), (20, C)]
+    assert [type(m).__name__ for m in enc.stem] == ["Sequential", "ConvBlock", "Sequential",
+                                                    "Sequential"]
+    mixer = enc.blocks[0].mixer
+    assert (mixer.groups, mixer.kernel_size, mixer.padding) == (C, (3, 3), (1, 1))
+    assert enc.blocks[0].ffn.mlp.fc1.out_features == 48  # mlp_ratio 1.5 x 32
+    assert enc.num_prefix_tokens == 0 and not hasattr(enc, "pos_embed")
+
+
+def test_convnet_is_local_and_shift_equivariant():
+    """No position embedding and no attention: a pixel moves only the tokens within the
+    receptive field, and a shift by the output stride shifts the token grid (interior)."""
+    torch.manual_seed(0)
+    enc = ConvNet(image_size=64, widths=(8, 12, 16), depths=(1, 1, 1), kernel_size=3).eval()
+    x = torch.rand(1, 1, 64, 64)
+    y = x.clone()
+    y[0, 0, 0, 0] += 5.0
+    with torch.no_grad():
+        base = enc.forward_intermediates(x, 1, intermediates_only=True)[0][0]  # (C, 8, 8)
+        delta = (enc.forward_intermediates(y, 1, intermediates_only=True)[0][0] - base).abs()
+        shifted = enc.forward_intermediates(torch.roll(x, (8, 8), dims=(2, 3)), 1,
+                                            intermediates_only=True)[0][0]
+    moved = delta.amax(0) > 1e-6
+    assert moved[0, 0] and not moved[3:, :].any() and not moved[:, 3:].any()
+    assert torch.allclose(shifted[:, 3:6, 3:6], base[:, 2:5, 2:5], atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(widths=()), "widths must be positive ints"),
+    (dict(widths=(8, 0)), "widths must be positive ints"),
+    (dict(widths=(8, 16), depths=(1,)), r"depths must be 2 ints >= 0 .*got \[1\]"),
+    (dict(widths=(8, 16), depths=(1, 0)), "the last >= 1"),
+    (dict(widths=(8, 16), depths=(1, 1), kernel_size=4), "positive odd int, got 4"),
+    (dict(widths=(8, 16), depths=(1, 1), in_channels=2), "in_channels must be 1 or 3"),
+    (dict(image_size=36, widths=(8, 16, 32), depths=(0, 0, 1)), "multiple of the patch size 8"),
+])
+def test_convnet_refuses_bad_layouts(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConvNet(**{"image_size": IMG, **kwargs})
 
 
 def test_pos_embed_interpolation_native():
