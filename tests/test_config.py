@@ -299,8 +299,9 @@ def test_demo_sweep():
     assert (topk.data.n, topk.train.steps, topk.train.lr) == (2000, 1150, 3e-3)
     assert topk.train.pack_turns and topk.eval.report_samples == 8
     assert topk.tasks.report == 3.0 and topk.model.overrides["labels_only_logits"] is True
-    assert topk.model.overrides["vision_config"] == {"stem": "conv",
-                                                     "stem_channels": [32, 32, 64]}
+    assert topk.model.overrides["vision_config"] == {"kind": "convnet", "widths": [16, 32, 48],
+                                                     "depths": [1, 1, 2]}
+    assert topk.model.diagnosis_head
     blind, dense = sweep.load("dense_blind-seed1"), sweep.load("dense-seed1")
     assert blind.data.blind and not dense.data.blind
     blind, dense = config_to_dict(blind), config_to_dict(dense)
@@ -350,7 +351,8 @@ def test_demo_ablations_change_one_factor_of_the_demo_dense_run():
     sweep = read_sweep(CONFIGS / "sweeps" / "demo_ablations.yaml")
     demo = read_sweep(CONFIGS / "sweeps" / "demo.yaml")
     changed = {
-        "dense_patch_stem-seed0": ("model", "overrides", "vision_config"),
+        "dense_vit-seed0": ("model", "overrides", "vision_config"),
+        "dense_no_diag_head-seed0": ("model", "diagnosis_head"),
         "dense_unpacked-seed0": ("train", "pack_turns"),
         "dense_no_heatmap-seed0": ("model", "overrides", "loss_weights"),
     }
@@ -361,6 +363,9 @@ def test_demo_ablations_change_one_factor_of_the_demo_dense_run():
             cfg.pop("output_dir"), cfg.pop("name"), cfg["logging"].pop("group")
         assert _pop_path(mine, path) != _pop_path(base, path), run
         assert mine == base, run
+    vit = sweep.load("dense_vit-seed0").model.build_config().vision_config
+    assert vit == {"kind": "native", "patch_size": 8, "hidden_size": 48, "depth": 2,
+                   "num_heads": 4, "stem": "conv", "stem_channels": [32, 32, 64]}
 
 
 def test_demo_modality_sweep_is_the_demo_topk_run_with_modality_routing():
