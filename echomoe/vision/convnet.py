@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -180,20 +179,7 @@ class ConvNet(ImageEncoder):
         x = self.prepare_input(x).to(self.norm.weight.dtype)
         for layer in self.stem:
             x = layer(x).hidden_states if isinstance(layer, ConvBlock) else layer(x)
-        kept: dict[int, Tensor] = {}
-        losses: dict[str, list[Tensor]] = {}
-        self.routing = {}
-        for i, blk in enumerate(self.blocks):
-            out = blk(x)
-            x = out.hidden_states
-            for name, value in out.aux_losses.items():
-                losses.setdefault(name, []).append(value)
-            if out.routing is not None:
-                self.routing[f"blocks.{i}"] = out.routing
-            if i in keep:
-                kept[i] = x
-        self.aux_losses = {k: torch.stack(v).mean() for k, v in losses.items()}
-        return x, kept
+        return self._run_blocks(x, keep)
 
     def _tokens(self, grid_map: Tensor) -> Tensor:
         return self.norm(rearrange(grid_map, "b c h w -> b (h w) c"))

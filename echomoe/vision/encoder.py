@@ -126,6 +126,25 @@ class ImageEncoder(nn.Module):
             resolved.append(j)
         return resolved
 
+    def _run_blocks(self, x: Tensor, keep: set[int]) -> tuple[Tensor, dict[int, Tensor]]:
+        """Run every block of ``self.blocks`` (each returns ``MoEOutput``) on ``x``; record the
+        MoE aux losses (averaged over blocks) / routing, and the outputs of the blocks in
+        ``keep``."""
+        kept: dict[int, Tensor] = {}
+        losses: dict[str, list[Tensor]] = {}
+        self.routing = {}
+        for i, block in enumerate(self.blocks):
+            out = block(x)
+            x = out.hidden_states
+            for name, value in out.aux_losses.items():
+                losses.setdefault(name, []).append(value)
+            if out.routing is not None:
+                self.routing[f"blocks.{i}"] = out.routing
+            if i in keep:
+                kept[i] = x
+        self.aux_losses = {k: torch.stack(v).mean() for k, v in losses.items()}
+        return x, kept
+
     def tokens_to_map(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """``(B, T, C)`` with prefix tokens -> ``(B, C, h, w)`` feature map."""
         patches = tokens[:, self.num_prefix_tokens :]
@@ -431,23 +450,6 @@ class VisionTransformer(ImageEncoder):
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         return tokens, grid
-
-    def _run_blocks(self, tokens: Tensor, keep: set[int]) -> tuple[Tensor, dict[int, Tensor]]:
-        """Run every block; record MoE aux losses / routing and the outputs of ``keep``."""
-        kept: dict[int, Tensor] = {}
-        losses: dict[str, list[Tensor]] = {}
-        self.routing = {}
-        for i, block in enumerate(self.blocks):
-            out = block(tokens)
-            tokens = out.hidden_states
-            for name, value in out.aux_losses.items():
-                losses.setdefault(name, []).append(value)
-            if out.routing is not None:
-                self.routing[f"blocks.{i}"] = out.routing
-            if i in keep:
-                kept[i] = tokens
-        self.aux_losses = {k: torch.stack(v).mean() for k, v in losses.items()}
-        return tokens, kept
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, C_in, H, W) -> (B, H/p * W/p, C)`` normalised patch tokens."""
