@@ -103,17 +103,6 @@ def _initialise_missing(model: nn.Module, names: Sequence[str]) -> None:
                 own[name].copy_(fresh[name].to(own[name].dtype))
 
 
-def _diagnosis_ids(ids: Tensor, batch: int, num_labels: int) -> Tensor:
-    """Check ``diagnosis_ids`` is ``(B,)`` integer in ``[-1, num_labels)``."""
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape != (batch,):
-        raise ValueError(f"diagnosis_ids must be a ({batch},) integer tensor, got "
-                         f"{tuple(ids.shape)} {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_labels):
-        raise ValueError(f"diagnosis_ids must be in [-1, {num_labels}) (indices in "
-                         f"config.diagnoses, -1 unknown), got {ids.tolist()}")
-    return ids.long()
-
-
 _PASSTHROUGH_KWARGS = frozenset({
     "task_ids", "pixel_spacing", "original_sizes",  # VLMCollator keys the forward does not use
     "return_dict", "output_attentions", "output_hidden_states", "cache_position",  # generate
@@ -416,8 +405,9 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
                 diagnosis_logits = self.diagnosis_classifier(images["pooled_tokens"])
                 if diagnosis_ids is not None:
                     losses["diagnosis_cls"] = self.diagnosis_classifier.loss(
-                        diagnosis_logits, _diagnosis_ids(diagnosis_ids.to(input_ids.device), b,
-                                                         len(self.config.diagnoses)))
+                        diagnosis_logits, validate_region_ids(
+                            diagnosis_ids.to(input_ids.device), b, len(self.config.diagnoses),
+                            name="diagnosis_ids", count="len(config.diagnoses)"))
             for key, value in self.vision.aux_losses.items():
                 losses[f"vision_{_MOE_LOSS_NAMES.get(key, key)}"] = value
         elif (input_ids == self.config.image_token_id).any() and cache is None:
