@@ -102,10 +102,8 @@ def build_model_and_processor(cfg, train_samples=None, *, label_samples=None):
 
     config = cfg.model.build_config()
     if cfg.model.diagnosis_head:
-        label_samples = train_samples if label_samples is None else label_samples
-        if not label_samples:
-            raise ValueError("model.diagnosis_head needs samples with diagnosis labels")
-        config.diagnoses = diagnosis_labels(label_samples)
+        config.diagnoses = diagnosis_labels(
+            (train_samples or ()) if label_samples is None else label_samples)
     tokenizer = None
     if cfg.model.tokenizer_from_train_split():
         if not train_samples:

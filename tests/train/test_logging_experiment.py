@@ -190,3 +190,14 @@ def test_hf_trainer_trains_with_moe_aux_losses(tmp_path, tiny):
         assert math.isclose(s["total"], total, rel_tol=1e-4)
     after = next(p for n, p in model.named_parameters() if "experts" in n)
     assert not torch.equal(before, after.detach())
+
+
+def test_diagnosis_labels_are_the_sorted_labels_and_none_is_an_error():
+    from types import SimpleNamespace
+
+    from echomoe.train.experiment import diagnosis_labels
+
+    samples = [SimpleNamespace(diagnosis=d) for d in ("tr4", None, "normal", "tr4")]
+    assert diagnosis_labels(samples) == ["normal", "tr4"]
+    with pytest.raises(ValueError, match="model.diagnosis_head: no sample has a diagnosis"):
+        diagnosis_labels([SimpleNamespace(diagnosis=None)])
