@@ -35,6 +35,7 @@ from echomoe.grounding.losses import (
     keypoint_heatmap_loss,
     keypoint_loss,
     mask_loss,
+    match_point_pairs,
 )
 from echomoe.grounding.mask_decoder import DotProductMaskHead, DynamicConvMaskDecoder
 from echomoe.grounding.pixel_decoder import UPSAMPLE_MODES, PixelDecoder, coordinate_channels
@@ -63,6 +64,7 @@ __all__ = [
     "keypoint_loss",
     "keypoints_to_pixels",
     "mask_loss",
+    "match_point_pairs",
     "measure_mm",
     "soft_argmax",
 ]

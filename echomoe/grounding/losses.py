@@ -4,6 +4,8 @@
 * :func:`box_loss` -> ``{"box_l1", "box_giou"}``
 * :func:`keypoint_loss` -> ``{"keypoint"}``
 * :func:`keypoint_heatmap_loss` -> ``{"keypoint_heatmap"}`` (heatmap keypoint heads; optional)
+* :func:`match_point_pairs` (no loss): the target order of unordered point pairs (calipers)
+  that is nearer the prediction, applied before the keypoint losses
 
 The weights are applied inside (so ``sum(losses.values())`` is the grounding total); with the
 weights at 1 the values are the plain criteria.  Samples whose ``has_*`` flag is False are
@@ -172,6 +174,47 @@ def keypoint_loss(
     if p.shape[0] == 0:
         return {"keypoint": pred.sum() * 0.0}
     return {"keypoint": weight * (p - t).abs().mean()}
+
+
+def match_point_pairs(pred: Tensor, target: Tensor, pairs, valid: Tensor | None = None) -> Tensor:
+    """``target`` with the two points of each pair swapped wherever the swapped order is nearer
+    ``pred``: the targets of *unordered* point pairs such as caliper endpoints.
+
+    A caliper measures a length; which end is "start" is a naming convention (the synthetic
+    benchmark: the smaller ``x``), and a convention that flips when a lesion turns past vertical
+    asks a head to tell two nearly equal configurations apart.  Trained on the fixed order, a
+    soft-argmax head hedges between both ends and its calipers shrink towards the centre.
+    Matching each pair to the prediction first (DETR-style assignment, over the 2 orders of each
+    pair) lets every query settle on one end.
+
+    Args:
+        pred, target: ``(B, K, 2)`` points (any common coordinates).
+        pairs: ``(a, b)`` index pairs into ``K`` (e.g. ``grounding_config["measure_pairs"]``);
+            pairs with an index ``>= K`` are ignored.
+        valid: ``(B, K)`` bool, the points that exist; a pair is swapped only where both of its
+            points do (``None``: all).
+
+    Returns:
+        ``(B, K, 2)`` target, a new tensor (the choice carries no gradient; ``target`` is
+        unchanged).  L1 distance decides; a tie keeps the given order.
+    """
+    _check_same(pred, target, "match_point_pairs")
+    if pred.dim() != 3 or pred.shape[-1] != 2:
+        raise ValueError(f"match_point_pairs expects (B, K, 2) points, got {tuple(pred.shape)}")
+    b, k, _ = pred.shape
+    keep = torch.ones(b, k, dtype=torch.bool, device=pred.device) if valid is None \
+        else _point_mask(valid, b, k, pred.device)
+    out = target.clone()
+    p = pred.detach()
+    for a, c in pairs:
+        a, c = int(a), int(c)
+        if not (0 <= a < k and 0 <= c < k) or a == c:
+            continue
+        kept = (p[:, a] - out[:, a]).abs().sum(-1) + (p[:, c] - out[:, c]).abs().sum(-1)
+        swapped = (p[:, a] - out[:, c]).abs().sum(-1) + (p[:, c] - out[:, a]).abs().sum(-1)
+        swap = (swapped < kept) & keep[:, a] & keep[:, c]  # (B,)
+        out[swap, a], out[swap, c] = out[swap, c].clone(), out[swap, a].clone()
+    return out
 
 
 def keypoint_heatmap_loss(

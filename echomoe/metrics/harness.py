@@ -54,7 +54,8 @@ How it runs (all deterministic):
                 is empty (their HD95 is NaN and left out of the mean)
    detect       box IoU and Acc@0.5 in original pixel edges (``box_iou`` / ``acc50``)
    measure      keypoint radial error (px, mm) over the first ``min(K, n)`` reference
-                keypoints (insertion order, as the collator), and the absolute / relative error
+                keypoints (insertion order, as the collator; the two ends of each caliper
+                pair matched in the nearer order), and the absolute / relative error
                 of each caliper pair of ``grounding_config["measure_pairs"]`` that the reference
                 has (reference length = keypoint distance x pixel spacing)
    ============ ==============================================================================
@@ -81,6 +82,7 @@ from echomoe.data.collate import resize_mask
 from echomoe.data.schema import UltrasoundSample, from_hf_dataset
 from echomoe.data.tasks import TASKS, build_task, primary_box, primary_mask_name
 from echomoe.data.tokenizer import DET_TOKEN, IMAGE_TOKEN, KPT_TOKEN, SEG_TOKEN
+from echomoe.grounding.losses import match_point_pairs
 from echomoe.metrics.detection import box_iou, inclusive_to_edges
 from echomoe.metrics.findings import (
     diagnosis_label,
@@ -326,10 +328,15 @@ def _score_grounding(ex: _Example, image_size: int, measure_pairs: list[tuple[in
         points = np.asarray(list(s.keypoints.values()), dtype=np.float64)
         pred = g["keypoints_px"]
         n = min(len(points), len(pred))
-        err = radial_error(pred[:n], points[:n], pixel_spacing=spacing)
+        pairs = [p for p, (a, b) in enumerate(measure_pairs) if a < n and b < n]
+        # A caliper pair's ends are unordered: each pair's points are matched to the reference
+        # in the nearer of its two orders (a measurement has no direction).
+        matched = match_point_pairs(torch.as_tensor(pred[None, :n], dtype=torch.float64),
+                                    torch.as_tensor(points[None, :n]),
+                                    [measure_pairs[p] for p in pairs])[0].numpy()
+        err = radial_error(pred[:n], matched, pixel_spacing=spacing)
         ex.scores.update(radial_error_px=float(err["px"].mean()),
                          radial_error_mm=float(err["mm"].mean()))
-        pairs = [p for p, (a, b) in enumerate(measure_pairs) if a < n and b < n]
         if pairs and "measurements_mm" in g:
             true_mm = [float(np.hypot(*(points[b] - points[a]))) * spacing
                        for a, b in (measure_pairs[p] for p in pairs)]

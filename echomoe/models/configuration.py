@@ -41,6 +41,7 @@ DEFAULT_GROUNDING: dict[str, Any] = {
     "conv_layers": 3,
     "num_keypoints": 4,
     "measure_pairs": [[0, 1], [2, 3]],  # caliper pairs: long axis, short axis
+    "match_pairs": True,  # a caliper pair's ends are unordered: match targets to predictions
     "box_head": "heatmap",  # centre by soft-argmax over the pixel features; or "mlp"
     "keypoint_head": "heatmap",  # one soft-argmax heatmap per keypoint; or "mlp"
     "image_stem": True,  # a strided CNN on the raw image feeds the pixel decoder

@@ -45,6 +45,7 @@ from echomoe.grounding import (
     keypoint_heatmap_loss,
     keypoint_loss,
     mask_loss,
+    match_point_pairs,
 )
 from echomoe.models.backbone import build_backbone, build_language_model, build_vision_encoder
 from echomoe.models.configuration import EchoMoEConfig
@@ -506,6 +507,9 @@ class EchoMoEForConditionalGeneration(EchoMoEPreTrainedModel, GenerationMixin):
                                          f"{tuple(keypoint_mask.shape)}")
                     flags = flags[:, None] & keypoint_mask.to(flags.device, torch.bool)
                 target = keypoints.to(hidden.dtype)
+                if cfg.grounding_config["match_pairs"]:
+                    target = match_point_pairs(preds["keypoints"], target,
+                                               cfg.grounding_config["measure_pairs"], flags)
                 losses.update(keypoint_loss(preds["keypoints"], target, flags))
                 if maps:
                     losses.update(keypoint_heatmap_loss(scores, target, flags))

@@ -19,6 +19,7 @@ from echomoe.grounding import (
     keypoint_loss,
     keypoints_to_pixels,
     mask_loss,
+    match_point_pairs,
     measure_mm,
 )
 
@@ -282,3 +283,34 @@ def test_box_loss_giou_values():
     out = box_loss(a, b, None)
     assert out["box_giou"].item() == pytest.approx(1 - (1 / 7 - 0.08 / 0.36), abs=1e-5)
     assert out["box_l1"].item() == pytest.approx(0.1, abs=1e-6)
+
+
+def test_match_point_pairs_swaps_only_where_the_swapped_order_is_nearer():
+    target = torch.tensor([[[0.1, 0.1], [0.9, 0.9], [0.2, 0.8], [0.8, 0.2], [0.5, 0.5]]] * 3)
+    pred = target.clone()
+    pred[0] = target[0, [1, 0, 2, 3, 4]]      # long axis predicted the other way round
+    pred[1] = target[1, [0, 1, 3, 2, 4]] + 0.05  # short axis swapped (and off by 0.05)
+    before = target.clone()
+    out = match_point_pairs(pred, target, [(0, 1), (2, 3)])
+    torch.testing.assert_close(out[0], target[0, [1, 0, 2, 3, 4]])
+    torch.testing.assert_close(out[1], target[1, [0, 1, 3, 2, 4]])
+    torch.testing.assert_close(out[2], target[2])  # already in the nearer order
+    torch.testing.assert_close(target, before)     # the input is not modified
+    # A pair with a missing point, an index past K, or a tie keeps the given order.
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[0, 1] = False
+    kept = match_point_pairs(pred, target, [(0, 1), (2, 3), (4, 7)], valid)
+    torch.testing.assert_close(kept[0], target[0])
+    tie = torch.full((1, 2, 2), 0.5)
+    torch.testing.assert_close(match_point_pairs(tie, torch.rand(1, 2, 2).sort(1).values,
+                                                 [(0, 1)]).shape, torch.Size([1, 2, 2]))
+    same = torch.tensor([[[0.2, 0.2], [0.6, 0.6]]])
+    torch.testing.assert_close(match_point_pairs(torch.full((1, 2, 2), 0.4), same, [(0, 1)]),
+                               same)
+    # The matched target trains the head like the true order: gradients reach the prediction.
+    p = pred.clone().requires_grad_(True)
+    loss = keypoint_loss(p, match_point_pairs(p, target, [(0, 1), (2, 3)]), None)["keypoint"]
+    loss.backward()
+    assert float(loss.detach()) < 0.03 and p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"expects \(B, K, 2\)"):
+        match_point_pairs(pred[..., :1], target[..., :1], [(0, 1)])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from echomoe.grounding import match_point_pairs
 from echomoe.models.configuration import EchoMoEConfig
 from echomoe.models.modeling import EchoMoEForConditionalGeneration
 
@@ -137,11 +138,30 @@ def test_keypoint_mask_leaves_missing_points_out_of_the_loss():
     moved["keypoints"][0, 2:] = 5.0  # padding where the mask is False: must not count
     masked = model(**moved, keypoint_mask=mask).losses["keypoint"]
     pred = model(**inputs).pred_keypoints.detach()
-    want = (pred - inputs["keypoints"]).abs()[mask].mean()
+    pairs = model.config.grounding_config["measure_pairs"]
+    target = match_point_pairs(pred, inputs["keypoints"], pairs, mask)
+    want = (pred - target).abs()[mask].mean()
     torch.testing.assert_close(masked.detach(), want)
     assert not torch.isclose(masked, full)
     with pytest.raises(ValueError, match=r"keypoint_mask must be \(2, 4\)"):
         model(**inputs, keypoint_mask=mask[:, :2])
+
+
+def test_caliper_pairs_are_matched_before_the_keypoint_losses():
+    model = make_model("topk", loss_weights={"keypoint_heatmap": 1.0})
+    fixed = make_model("topk", loss_weights={"keypoint_heatmap": 1.0},
+                       grounding_config={"match_pairs": False})
+    fixed.load_state_dict(model.state_dict())
+    inputs = batch(model)
+    pred = model(**inputs).pred_keypoints.detach()
+    # Targets at the predictions with both pairs' ends swapped: matching swaps them back.
+    swapped = {**inputs, "keypoints": pred[:, [1, 0, 3, 2]].clone()}
+    matched = model(**swapped).losses
+    assert float(matched["keypoint"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(fixed(**swapped).losses["keypoint"]) > 0.01
+    in_order = model(**{**inputs, "keypoints": pred.clone()}).losses
+    torch.testing.assert_close(matched["keypoint_heatmap"], in_order["keypoint_heatmap"])
+    assert model.config.grounding_config["match_pairs"] is True  # the default
 
 
 def test_diagnosis_classifier_learns_from_diagnosis_ids_and_round_trips(tmp_path):
