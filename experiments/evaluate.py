@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-samples", type=int, default=1,
                         help="1: greedy reports (default); N > 1: minimum-Bayes-risk decoding, "
                              "the consensus of N sampled reports")
+    parser.add_argument("--report-temperature", type=float, default=1.0,
+                        help="sampling temperature of those reports (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--out", required=True, help="output directory")
     return parser
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         model, processor, samples, tasks=args.tasks, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, seed=args.seed,
         regions=args.regions, closed=args.closed, language=args.language,
-        report_samples=args.report_samples,
+        report_samples=args.report_samples, report_temperature=args.report_temperature,
     )
     result.settings["model"] = args.checkpoint or f"{args.preset}/{args.variant}"
     result.settings["data"] = args.data or f"synthetic:{args.synthetic}"

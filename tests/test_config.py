@@ -233,6 +233,7 @@ def test_unknown_or_malformed_override(override, pattern):
     (["train.group_by_length=often"], r"train\.group_by_length must be bool"),
     (["train.pack_turns=often"], r"train\.pack_turns must be bool"),
     (["eval.report_samples=0"], r"eval\.report_samples must be an int >= 1, got 0"),
+    (["eval.report_temperature=0"], r"eval\.report_temperature must be a finite number > 0"),
     (["model.overrides.lm_loss_reduction=sum"], r"lm_loss_reduction must be one of token"),
     (["train.schedule=step"], r"train\.schedule must be one of cosine, linear, .*got 'step'"),
     (["logging.mode=cloud"], r"logging\.mode must be one of online, offline, .*got 'cloud'"),

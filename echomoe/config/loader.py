@@ -350,6 +350,7 @@ def validate(config: ExperimentConfig, where: str = "config") -> None:
     _rule(where, rules.check_int, e.batch_size, "eval.batch_size", 1)
     _rule(where, rules.check_int, e.max_new_tokens, "eval.max_new_tokens", 1)
     _rule(where, rules.check_int, e.report_samples, "eval.report_samples", 1)
+    _rule(where, rules.check_positive, e.report_temperature, "eval.report_temperature")
     if e.num_samples is not None:
         _rule(where, rules.check_int, e.num_samples, "eval.num_samples", 1)
     _rule(where, rules.check_int, config.logging.log_every, "logging.log_every", 1)

@@ -236,7 +236,7 @@ class EvalSection:
     ``language`` the text metrics' tokenisation (``auto``: CJK character level when the
     references have ideographs; ``en``; ``zh``), ``report_samples``: ``1`` decodes reports
     greedily, ``N > 1`` by minimum Bayes risk over ``N`` samples (:mod:`echomoe.models.decoding`)
-    (:func:`~echomoe.metrics.harness.evaluate_model`)."""
+    drawn at ``report_temperature`` (:func:`~echomoe.metrics.harness.evaluate_model`)."""
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     batch_size: int = 16
@@ -246,6 +246,7 @@ class EvalSection:
     closed: str = "rank"
     language: str = "auto"
     report_samples: int = 1
+    report_temperature: float = 1.0
 
 
 @dataclass

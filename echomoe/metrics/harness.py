@@ -222,8 +222,8 @@ def _pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
 @torch.no_grad()
 def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
                given_regions: bool, force_task_token: bool, rank_closed: bool,
-               accumulator: RoutingAccumulator, report_samples: int = 1, seed: int = 0,
-               language: str = "auto") -> None:
+               accumulator: RoutingAccumulator, report_samples: int = 1,
+               report_temperature: float = 1.0, seed: int = 0, language: str = "auto") -> None:
     """Generate, decode and (for grounding tasks) ground one batch of one task, in place."""
     tok = processor.tokenizer
     device = _model_device(model)
@@ -238,7 +238,8 @@ def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
             "bad_words_ids": [[image_id]], "max_new_tokens": max_new_tokens}
     mbr = task == "report" and report_samples > 1
     if mbr:
-        out = sample_sequences(model, inputs, num_samples=report_samples, seed=seed, **stop)
+        out = sample_sequences(model, inputs, num_samples=report_samples, seed=seed,
+                               temperature=report_temperature, **stop)
     else:
         out = model.generate(**inputs, do_sample=False, num_beams=1, **stop)
     prompt_len = inputs["input_ids"].shape[1]
@@ -492,6 +493,7 @@ def evaluate_model(
     language: str = "auto",
     force_task_token: bool = True,
     report_samples: int = 1,
+    report_temperature: float = 1.0,
 ) -> EvalResult:
     """Run ``model`` on every task of ``samples`` and score it (see the module docstring).
 
@@ -518,6 +520,8 @@ def evaluate_model(
         report_samples: ``1`` (default): reports are decoded greedily; ``N > 1``: minimum-Bayes-
             risk decoding, the consensus of ``N`` sampled reports
             (:mod:`echomoe.models.decoding`; seeded by ``seed``, so reproducible).
+        report_temperature: the sampling temperature of those reports (``> 0``; 1: the
+            model's distribution, lower: samples nearer the greedy report).
 
     Returns:
         :class:`EvalResult` (``metrics``, ``records``, ``routing``, ``settings``).
@@ -533,6 +537,8 @@ def evaluate_model(
         raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
     if report_samples < 1:
         raise ValueError(f"report_samples must be >= 1, got {report_samples}")
+    if not report_temperature > 0:
+        raise ValueError(f"report_temperature must be > 0, got {report_temperature}")
     if closed not in ("rank", "generate"):
         raise ValueError(f"closed must be 'rank' or 'generate', got {closed!r}")
     if regions not in REGION_PROTOCOLS:
@@ -557,6 +563,7 @@ def evaluate_model(
                            force_task_token=force_task_token,
                            rank_closed=closed == "rank",
                            accumulator=accumulator, report_samples=report_samples,
+                           report_temperature=report_temperature,
                            seed=seed, language=language)
                 bar.update(1)
     finally:
@@ -567,7 +574,7 @@ def evaluate_model(
     settings = {"tasks": list(tasks), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                 "seed": seed, "regions": regions, "closed": closed, "language": language,
                 "force_task_token": force_task_token, "report_samples": report_samples,
-                "num_samples": len(samples)}
+                "report_temperature": report_temperature, "num_samples": len(samples)}
     return EvalResult(summarize(examples, tasks, len(samples), language=language),
                       make_records(examples),
                       accumulator.report(), settings)

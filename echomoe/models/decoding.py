@@ -45,14 +45,16 @@ def mbr_select(candidates: Sequence[str], language: str = "auto") -> int:
 
 
 def sample_sequences(model, inputs: dict, *, num_samples: int, seed: int,
-                     **generate_kwargs) -> torch.Tensor:
-    """``model.generate`` with ``num_samples`` sampled sequences per row (temperature 1, no
-    top-k / top-p truncation), reproducible: the random state is seeded with ``seed`` and
+                     temperature: float = 1.0, **generate_kwargs) -> torch.Tensor:
+    """``model.generate`` with ``num_samples`` sampled sequences per row (at ``temperature``,
+    no top-k / top-p truncation), reproducible: the random state is seeded with ``seed`` and
     restored afterwards.  Returns ``(B * num_samples, T)``, each row's samples contiguous."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     device = inputs["input_ids"].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        return model.generate(**inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                               num_beams=1, num_return_sequences=num_samples, **generate_kwargs)

@@ -247,12 +247,15 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
                                     drop_last=False)
     loss_eval = make_loss_eval([eval_batches.batch(0, i) for i in range(len(eval_batches))])
 
+    # How every evaluation below answers and decodes (eval section).
+    decoding = {"closed": e.closed, "language": e.language, "report_samples": e.report_samples,
+                "report_temperature": e.report_temperature}
+
     def eval_fn(m) -> dict[str, float]:
         metrics = {f"eval/{k}": v for k, v in loss_eval(m).items()}
         if t.metric not in metrics:
             result = evaluate_model(m, processor, eval_samples, e.tasks, e.batch_size,
-                                    e.max_new_tokens, progress=False, closed=e.closed,
-                                    language=e.language, report_samples=e.report_samples)
+                                    e.max_new_tokens, progress=False, **decoding)
             metrics.update({f"eval/{k}": v for k, v in result.metrics["overall"].items()})
         return metrics
 
@@ -281,9 +284,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
 
         test_samples = splits[cfg.data.test_split][:e.num_samples]
         result = evaluate_model(model, processor, test_samples, e.tasks, e.batch_size,
-                                e.max_new_tokens, progress=progress, seed=e.seed,
-                                closed=e.closed, language=e.language,
-                                report_samples=e.report_samples)
+                                e.max_new_tokens, progress=progress, seed=e.seed, **decoding)
         step = len(history) and history[-1]["step"]
         logger.log_eval(step, result.metrics, prefix="test/")
         # Region-routed models also run the oracle protocol (true regions), reported apart.
@@ -291,8 +292,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
         if model.routes_by_region:
             oracle = evaluate_model(model, processor, test_samples, e.tasks, e.batch_size,
                                     e.max_new_tokens, progress=progress, seed=e.seed,
-                                    regions="given", closed=e.closed,
-                                    language=e.language, report_samples=e.report_samples)
+                                    regions="given", **decoding)
         priors = prior_results(splits[cfg.data.train_split], test_samples, e.tasks,
                                image_size=model.config.image_size,
                                measure_pairs=model.config.grounding_config["measure_pairs"],

@@ -61,6 +61,21 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny):
         sample_sequences(model, inputs, num_samples=0, seed=0, **kwargs)
 
 
+def test_sampling_temperature_sharpens_towards_the_greedy_sequence(tiny):
+    model, processor, samples = tiny
+    inputs = processor(images=[list(s.images) for s in samples[:2]],
+                       text=["Write the ultrasound report for this study."] * 2,
+                       padding_side="left")
+    kwargs = {"max_new_tokens": 6, "pad_token_id": 0, "eos_token_id": 2}
+    greedy = model.generate(**inputs, do_sample=False, num_beams=1, **kwargs)
+    cold = sample_sequences(model, inputs, num_samples=3, seed=7, temperature=1e-4, **kwargs)
+    warm = sample_sequences(model, inputs, num_samples=3, seed=7, **kwargs)
+    assert torch.equal(cold, greedy.repeat_interleave(3, dim=0))
+    assert not torch.equal(warm, cold)  # an untrained model's samples differ at temperature 1
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_sequences(model, inputs, num_samples=2, seed=7, temperature=0.0, **kwargs)
+
+
 def test_harness_reports_by_mbr_are_reproducible_and_among_the_samples(tiny):
     model, processor, samples = tiny
     run = lambda n: evaluate_model(model, processor, samples, ["report"], batch_size=2,  # noqa: E731
@@ -72,3 +87,9 @@ def test_harness_reports_by_mbr_are_reproducible_and_among_the_samples(tiny):
     assert len(predictions) == len(samples)
     with pytest.raises(ValueError, match="report_samples must be >= 1"):
         run(0)
+    cold = evaluate_model(model, processor, samples, ["report"], batch_size=2, max_new_tokens=8,
+                          progress=False, report_samples=4, report_temperature=0.5)
+    assert cold.settings["report_temperature"] == 0.5
+    with pytest.raises(ValueError, match="report_temperature must be > 0"):
+        evaluate_model(model, processor, samples, ["report"], max_new_tokens=8, progress=False,
+                       report_samples=4, report_temperature=-1.0)
