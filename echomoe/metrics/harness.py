@@ -95,9 +95,15 @@ from echomoe.metrics.keypoints import measurement_error, radial_error
 from echomoe.metrics.ranking import closed_options, diagnosis_options, rank_options
 from echomoe.metrics.routing import RoutingAccumulator
 from echomoe.metrics.segmentation import dice, hd95, iou
-from echomoe.metrics.text import LANGUAGES, bleu, report_metrics, resolve_language
+from echomoe.metrics.text import (
+    LANGUAGES,
+    bleu,
+    consensus_index,
+    report_metrics,
+    resolve_language,
+)
 from echomoe.metrics.vqa import vqa_metrics
-from echomoe.models.decoding import mbr_select, sample_sequences
+from echomoe.models.decoding import sample_sequences
 
 GROUNDING_TOKENS: dict[str, str] = {"segment": SEG_TOKEN, "detect": DET_TOKEN,
                                     "measure": KPT_TOKEN}
@@ -259,7 +265,7 @@ def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
         if mbr:  # the consensus of the sampled reports (echomoe.models.decoding)
             candidates = [decoded(i * report_samples + j) for j in range(report_samples)]
             generated, ex.prediction = candidates[
-                mbr_select([text for _, text in candidates], language)]
+                consensus_index([text for _, text in candidates], language)]
         else:
             generated, ex.prediction = decoded(i)
         if task_id is not None:

@@ -75,7 +75,7 @@ from echomoe.metrics.harness import (
     score_examples,
     summarize,
 )
-from echomoe.metrics.text import resolve_language, tokenize
+from echomoe.metrics.text import consensus_index, resolve_language
 from echomoe.metrics.vqa import normalize_answer
 
 __all__ = ["MAX_REPORTS", "PRIOR_NAMES", "prior_result", "prior_results", "report_ceiling"]
@@ -123,18 +123,7 @@ def _medoid(reports: Sequence[str], language: str = "auto") -> str:
     """The report with the highest summed unigram F1 to the others (see the module doc)."""
     n = len(reports)
     picks = np.unique(np.linspace(0, n - 1, min(n, MAX_REPORTS)).round().astype(int))
-    bags = [Counter(tokenize(reports[i], language)) for i in picks]
-    vocab = {tok: j for j, tok in enumerate(sorted({t for bag in bags for t in bag}))}
-    counts = np.zeros((len(bags), max(len(vocab), 1)), dtype=np.float64)
-    for i, bag in enumerate(bags):
-        for tok, c in bag.items():
-            counts[i, vocab[tok]] = c
-    lengths = counts.sum(axis=1)
-    overlap = np.stack([np.minimum(row, counts).sum(axis=1) for row in counts])  # (n, n)
-    denom = lengths[:, None] + lengths[None, :]
-    f1 = np.divide(2 * overlap, denom, out=np.zeros_like(overlap), where=denom > 0)
-    np.fill_diagonal(f1, 0.0)
-    return reports[int(picks[int(np.argmax(f1.sum(axis=1)))])]
+    return reports[int(picks[consensus_index([reports[i] for i in picks], language)])]
 
 
 def _majority_mask(masks: np.ndarray) -> np.ndarray:

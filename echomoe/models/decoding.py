@@ -8,40 +8,15 @@ are far more likely.  MBR decoding (Kumar & Byrne, 2004; Eikema & Aziz, 2020) sa
 others, a Monte-Carlo estimate of the candidate that agrees best with the model's distribution.
 
 The utility is the unigram F1 (clipped counts) between token lists of
-:func:`echomoe.metrics.text.tokenize`, so Chinese text compares by character.
+:func:`echomoe.metrics.text.tokenize`, so Chinese text compares by character; the consensus is
+:func:`echomoe.metrics.text.consensus_index`, which also picks the report prior.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
-
 import torch
 
-from echomoe.metrics.text import tokenize
-
-__all__ = ["unigram_f1", "mbr_select", "sample_sequences"]
-
-
-def unigram_f1(a: Sequence[str], b: Sequence[str]) -> float:
-    """F1 of the clipped unigram overlap of two token lists (1.0 for two empty lists)."""
-    if not a and not b:
-        return 1.0
-    overlap = sum((Counter(a) & Counter(b)).values())
-    return 2.0 * overlap / (len(a) + len(b))
-
-
-def mbr_select(candidates: Sequence[str], language: str = "auto") -> int:
-    """Index of the candidate with the highest mean :func:`unigram_f1` to the other
-    candidates (ties: the first).  One candidate is its own consensus."""
-    if not candidates:
-        raise ValueError("mbr_select needs at least one candidate")
-    tokens = [tokenize(c, language) for c in candidates]
-    n = len(tokens)
-    if n == 1:
-        return 0
-    gains = [sum(unigram_f1(tokens[i], tokens[j]) for j in range(n) if j != i) for i in range(n)]
-    return max(range(n), key=gains.__getitem__)
+__all__ = ["sample_sequences"]
 
 
 def sample_sequences(model, inputs: dict, *, num_samples: int, seed: int,

@@ -282,3 +282,43 @@ def test_evaluate_dice_module_offline(monkeypatch, tmp_path):
     assert hand["dice"] == pytest.approx(2 / 3)  # 2*1 / (1 + 2)
     with pytest.raises(ValueError):  # probabilities are rejected, not silently thresholded
         metric.compute(predictions=[[[0.5, 0.0], [0.0, 0.0]]], references=[[[1, 0], [0, 0]]])
+
+
+# ------------------------------------------------------------------ unigram F1 and the consensus
+def test_unigram_f1_clips_counts():
+    assert T.unigram_f1([], []) == 1.0
+    assert T.unigram_f1(["a"], []) == 0.0
+    # overlap min(2, 1) = 1 for "a" plus 1 for "b": 2 * 2 / (3 + 2)
+    assert T.unigram_f1(["a", "a", "b"], ["a", "b"]) == pytest.approx(0.8)
+
+
+def test_consensus_is_the_medoid_not_the_first_or_the_outlier():
+    candidates = [
+        "no focal lesion",                                       # the odd one out
+        "a round cyst in the left lobe measuring 5 mm",
+        "a round cyst in the left lobe measuring 6 mm",
+        "a round cyst in the right lobe measuring 5 mm",
+    ]
+    # candidate 1 shares 9 of 10 tokens with 2 and 3; 2 and 3 share only 8 with each other
+    assert T.consensus_index(candidates) == 1
+    assert T.consensus_index(["only one"]) == 0
+    assert T.consensus_index(["x y", "x y", "z"]) == 0  # ties go to the first
+    with pytest.raises(ValueError, match="at least one text"):
+        T.consensus_index([])
+
+
+def test_consensus_compares_chinese_by_character():
+    # Without character tokens the three strings would share no token at all.
+    assert T.consensus_index(["肝脏正常", "肝脏囊肿", "肝内囊肿"], language="zh") == 1
+
+
+def test_consensus_matches_the_pairwise_definition():
+    # The vectorised medoid against the sum of pairwise unigram F1, empty texts included.
+    rng = np.random.default_rng(3)
+    words = ["cyst", "solid", "left", "right", "lobe", "5", "mm", "no", "lesion"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(0, 7))) for _ in range(23)]
+    tokens = [T.tokenize(t) for t in texts]
+    gains = [sum(T.unigram_f1(a, b) for j, b in enumerate(tokens) if j != i)
+             for i, a in enumerate(tokens)]
+    assert T.consensus_index(texts) == int(np.argmax(gains))
+    assert T.consensus_index(["", "", "x"]) == 0  # two empty texts agree fully
