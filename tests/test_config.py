@@ -355,7 +355,8 @@ def test_demo_ablations_change_one_factor_of_the_demo_dense_run():
         "dense_vit-seed0": ("model", "overrides", "vision_config"),
         "dense_no_diag_head-seed0": ("model", "diagnosis_head"),
         "dense_unpacked-seed0": ("train", "pack_turns"),
-        "dense_no_heatmap-seed0": ("model", "overrides", "loss_weights"),
+        "dense_no_heatmap-seed0": ("model", "overrides", "loss_weights", "keypoint_heatmap"),
+        "dense_dice_half-seed0": ("model", "overrides", "loss_weights", "seg_dice"),
     }
     assert [name for name, _ in sweep.runs] == list(changed)
     for run, path in changed.items():
