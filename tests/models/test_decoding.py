@@ -18,12 +18,18 @@ def tiny():
     return model, processor, generate(5, seed=3, config=SyntheticConfig(image_size=32))
 
 
-def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny):
+@pytest.fixture(scope="module")
+def report_prompt(tiny):
+    """Two left-padded report prompts and the generation limits the sampler tests use."""
     model, processor, samples = tiny
     inputs = processor(images=[list(s.images) for s in samples[:2]],
                        text=["Write the ultrasound report for this study."] * 2,
                        padding_side="left")
-    kwargs = {"max_new_tokens": 6, "pad_token_id": 0, "eos_token_id": 2}
+    return model, inputs, {"max_new_tokens": 6, "pad_token_id": 0, "eos_token_id": 2}
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone(report_prompt):
+    model, inputs, kwargs = report_prompt
     state = torch.random.get_rng_state()
     a = sample_sequences(model, inputs, num_samples=3, seed=7, **kwargs)
     assert torch.equal(torch.random.get_rng_state(), state)
@@ -35,12 +41,8 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny):
         sample_sequences(model, inputs, num_samples=0, seed=0, **kwargs)
 
 
-def test_sampling_temperature_sharpens_towards_the_greedy_sequence(tiny):
-    model, processor, samples = tiny
-    inputs = processor(images=[list(s.images) for s in samples[:2]],
-                       text=["Write the ultrasound report for this study."] * 2,
-                       padding_side="left")
-    kwargs = {"max_new_tokens": 6, "pad_token_id": 0, "eos_token_id": 2}
+def test_sampling_temperature_sharpens_towards_the_greedy_sequence(report_prompt):
+    model, inputs, kwargs = report_prompt
     greedy = model.generate(**inputs, do_sample=False, num_beams=1, **kwargs)
     cold = sample_sequences(model, inputs, num_samples=3, seed=7, temperature=1e-4, **kwargs)
     warm = sample_sequences(model, inputs, num_samples=3, seed=7, **kwargs)
