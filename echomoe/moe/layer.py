@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from echomoe.moe.experts import GroupedExperts
-from echomoe.moe.routers import ExpertChoiceOutput
+from echomoe.moe.routers import ExpertChoiceOutput, validate_region_ids
 
 
 @dataclass
@@ -61,32 +61,6 @@ class MoEOutput:
     hidden_states: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     routing: RoutingInfo | None = None
-
-
-def validate_region_ids(region_ids: Tensor, batch_size: int, num_regions: int, *,
-                        name: str = "region_ids", count: str = "num_regions") -> Tensor:
-    """Check ``region_ids`` is ``(B,)`` integer with values in ``[-1, num_regions)``.
-
-    Any per-sample class id with ``-1`` for unknown is checked the same way; ``name`` and
-    ``count`` name the tensor and the class count in the messages (``"diagnosis_ids"``,
-    ``"len(config.diagnoses)"``).
-    """
-    if region_ids.dtype.is_floating_point or region_ids.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {region_ids.dtype}")
-    if region_ids.shape != (batch_size,):
-        raise ValueError(
-            f"{name} must have shape (batch,) = ({batch_size},), got {tuple(region_ids.shape)}"
-        )
-    if region_ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(region_ids))
-        if lo < -1 or hi >= num_regions:
-            bad = lo if lo < -1 else hi
-            noun = name.removesuffix("s").replace("_", " ")
-            raise ValueError(
-                f"{noun} {bad} out of range for {count}={num_regions} "
-                f"(valid: 0..{count}-1, or -1 for unknown)"
-            )
-    return region_ids.long()
 
 
 def token_regions(

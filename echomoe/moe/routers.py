@@ -89,25 +89,31 @@ def _check_num_experts(num_experts: int, top_k: int) -> None:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got top_k={top_k}")
 
 
-def check_token_regions(region_ids: Tensor | None, num_tokens: int, num_regions: int,
-                        name: str) -> Tensor | None:
-    """``region_ids (N,)`` checked for a router called directly: an integer tensor, one id per
-    token, each in ``[-1, num_regions)`` (``-1``: unknown).  Out-of-range ids would otherwise
-    index the wrong region's experts (``-2`` wraps to the last region) or fail deep in torch."""
-    if region_ids is None:
-        return None
+def validate_region_ids(region_ids: Tensor, size: int, num_regions: int, *,
+                        name: str = "region_ids", count: str = "num_regions",
+                        axis: str = "batch", owner: str = "") -> Tensor:
+    """Check ``region_ids`` is ``(size,)`` integer with values in ``[-1, num_regions)``;
+    returns it as ``long``.
+
+    Out-of-range ids would otherwise index the wrong region's experts (``-2`` wraps to the last
+    region) or fail deep in torch.  Any per-sample class id with ``-1`` for unknown is checked
+    the same way: ``name`` and ``count`` name the tensor and the class count in the messages
+    (``"diagnosis_ids"``, ``"len(config.diagnoses)"``), ``axis`` the dimension (``"batch"``, or
+    ``"tokens"`` for a router's one id per token) and ``owner`` the module checking, if any.
+    """
+    where = f"{owner}: " if owner else ""
     if region_ids.dtype.is_floating_point or region_ids.dtype == torch.bool:
-        raise TypeError(f"{name}: region_ids must be an integer tensor, got {region_ids.dtype}")
-    if region_ids.shape != (num_tokens,):
-        raise ValueError(f"{name}: region_ids must have shape (N,) = ({num_tokens},), one id "
-                         f"per token, got {tuple(region_ids.shape)}")
+        raise TypeError(f"{where}{name} must be an integer tensor, got {region_ids.dtype}")
+    if region_ids.shape != (size,):
+        raise ValueError(f"{where}{name} must have shape ({axis},) = ({size},), got "
+                         f"{tuple(region_ids.shape)}")
     if region_ids.numel():
         lo, hi = (int(v) for v in torch.aminmax(region_ids))
         if lo < -1 or hi >= num_regions:
-            raise ValueError(f"{name}: region id {lo if lo < -1 else hi} out of range for "
-                             f"num_regions={num_regions} (valid: 0..{num_regions - 1}, or -1 "
-                             "for unknown)")
-    return region_ids
+            noun = name.removesuffix("s").replace("_", " ")
+            raise ValueError(f"{where}{noun} {lo if lo < -1 else hi} out of range for "
+                             f"{count}={num_regions} (valid: 0..{count}-1, or -1 for unknown)")
+    return region_ids.long()
 
 
 def default_region_experts(num_regions: int, num_experts: int, group_size: int) -> list[list[int]]:
@@ -267,8 +273,9 @@ class TopKRouter(nn.Module):
         ``aux_losses=False`` skips computing the losses (``aux_losses`` of the output is
         empty): for inference, where nothing uses them.
         """
-        region_ids = check_token_regions(region_ids, x.shape[0], self.num_regions,
-                                         type(self).__name__)
+        if region_ids is not None:
+            region_ids = validate_region_ids(region_ids, x.shape[0], self.num_regions,
+                                             axis="tokens", owner=type(self).__name__)
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         if token_mask is not None and x.device.type == "cpu" and bool(token_mask.all()):
@@ -491,8 +498,9 @@ class ExpertChoiceRouter(nn.Module):
         real token, with weight 0, and are left out of the z-loss.  ``aux_losses=False`` skips
         the z-loss.
         """
-        region_ids = check_token_regions(region_ids, x.shape[0], self.num_regions,
-                                         type(self).__name__)
+        if region_ids is not None:
+            region_ids = validate_region_ids(region_ids, x.shape[0], self.num_regions,
+                                             axis="tokens", owner=type(self).__name__)
         logits_t = torch.mm(self.weight, x.t()).float()  # (E, N): fast softmax over E
         probs_t = logits_t.softmax(dim=0)
         capacity = self.capacity(x.shape[0])
