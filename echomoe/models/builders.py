@@ -265,13 +265,18 @@ def validate_config(config: EchoMoEConfig) -> None:
     spec = dict(config.vision_config)
     native = native_vision_class(spec.pop("kind", "native"))
     if native is not None:
-        valid = set(inspect.signature(native.__init__).parameters) - {
-            "self", "image_size", "in_channels"}
+        params = inspect.signature(native.__init__).parameters
+        valid = set(params) - {"self", "image_size", "in_channels"}
         bad = set(spec) - valid
         if bad:
             raise ValueError(f"unknown vision_config keys {sorted(bad)} for {native.__name__}; "
                              f"valid: kind, {', '.join(sorted(valid))} (image_size and "
                              "in_channels are top-level config fields)")
+        if native.__name__ == "ConvNet":
+            from echomoe.vision.convnet import check_layout
+
+            check_layout(spec.get("widths", params["widths"].default),
+                         spec.get("depths", params["depths"].default))
     image_tokens_per_image(config)  # raises on patch / pooling mismatch
     moe = config.moe_config
     if moe is not None:

@@ -92,6 +92,19 @@ def build_conv_block(
     return ConvBlock(mixer=mixer, norm=nn.LayerNorm(channels, eps=norm_eps), ffn=ffn)
 
 
+def check_layout(widths: Sequence[int], depths: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``widths`` / ``depths`` describe a :class:`ConvNet`: one
+    positive width and one depth ``>= 0`` per stage, the last depth ``>= 1`` (those blocks are
+    the encoder's).  Config validation calls it too, so a bad layout fails before a build."""
+    widths, depths = list(widths), list(depths)
+    if not widths or not all(isinstance(c, int) and c > 0 for c in widths):
+        raise ValueError(f"widths must be positive ints (one per stage), got {widths}")
+    if len(depths) != len(widths) or not all(isinstance(d, int) and d >= 0 for d in depths) \
+            or depths[-1] < 1:
+        raise ValueError(f"depths must be {len(widths)} ints >= 0 (one per stage of "
+                         f"widths={widths}), the last >= 1, got {depths}")
+
+
 def _downsample(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
                          _ChannelNorm(c_out), nn.GELU())
@@ -137,12 +150,7 @@ class ConvNet(ImageEncoder):
         widths, depths = list(widths), list(depths)
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
-        if not widths or not all(isinstance(c, int) and c > 0 for c in widths):
-            raise ValueError(f"widths must be positive ints (one per stage), got {widths}")
-        if len(depths) != len(widths) or not all(isinstance(d, int) and d >= 0 for d in depths) \
-                or depths[-1] < 1:
-            raise ValueError(f"depths must be {len(widths)} ints >= 0 (one per stage of "
-                             f"widths={widths}), the last >= 1, got {depths}")
+        check_layout(widths, depths)
         self.hidden_size = widths[-1]
         self.patch_size = 2 ** len(widths)
         self.in_channels = in_channels

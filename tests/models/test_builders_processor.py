@@ -72,6 +72,13 @@ def test_bad_names_list_valid_choices():
         build_config("tiny", "dense", moe_config={"num_experts": 8})
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         build_config("tiny", image_size=36)
+    # a ConvNet layout error surfaces when the config is made, not when the model is built
+    with pytest.raises(ValueError, match=r"depths must be 3 ints >= 0 .* got \[1, 1\]"):
+        build_config("tiny", vision_config={"kind": "convnet", "widths": [16, 32, 48],
+                                            "depths": [1, 1]})
+    with pytest.raises(ValueError, match="the last >= 1"):
+        build_config("tiny", image_size=64, vision_config={"kind": "convnet", "widths": [8, 16],
+                                                           "depths": [1, 0]})
 
 
 def test_overrides_merge_and_keep_the_equal_active_rule():
