@@ -141,14 +141,18 @@ def test_a_mapping_of_another_kind_replaces_the_base_one(tmp_path):
     assert load_config(same).model.overrides["vision_config"] == {
         "stem": "conv", "stem_channels": [8, 8, 16], "depth": 3}
     other = write(tmp_path / "cnn.yaml", "base: vit.yaml\nmodel:\n  overrides:\n"
-                  "    vision_config: {kind: convnet, widths: [8, 16, 32]}\n")
+                  "    vision_config: {kind: convnet, widths: [8, 16, 32], depths: [1, 1, 2]}\n")
     cfg = load_config(other)
-    assert cfg.model.overrides["vision_config"] == {"kind": "convnet", "widths": [8, 16, 32]}
-    assert cfg.model.build_config().vision_config == {"kind": "convnet",
-                                                      "widths": [8, 16, 32]}
-    cli = load_config(tmp_path / "vit.yaml",
-                      ["model.overrides.vision_config={kind: convnet, depths: [0, 1, 2]}"])
-    assert cli.model.overrides["vision_config"] == {"kind": "convnet", "depths": [0, 1, 2]}
+    cnn = {"kind": "convnet", "widths": [8, 16, 32], "depths": [1, 1, 2]}
+    assert cfg.model.overrides["vision_config"] == cnn
+    assert cfg.model.build_config().vision_config == cnn
+    cli = load_config(tmp_path / "vit.yaml", ["model.overrides.vision_config={kind: convnet, "
+                                              "widths: [8, 16, 32], depths: [0, 1, 2]}"])
+    assert cli.model.overrides["vision_config"] == {**cnn, "depths": [0, 1, 2]}
+    # the ConvNet's layout is checked when the config loads (3 widths, 4 default depths)
+    with pytest.raises(ConfigError, match=r"depths must be 3 ints .* got \[1, 1, 2, 2\]"):
+        load_config(tmp_path / "vit.yaml",
+                    ["model.overrides.vision_config={kind: convnet, widths: [8, 16, 32]}"])
 
 
 def test_base_errors(tmp_path):
@@ -234,6 +238,7 @@ def test_unknown_or_malformed_override(override, pattern):
     (["train.pack_turns=often"], r"train\.pack_turns must be bool"),
     (["eval.report_samples=0"], r"eval\.report_samples must be an int >= 1, got 0"),
     (["eval.report_temperature=0"], r"eval\.report_temperature must be a finite number > 0"),
+    (["eval.measure=calipers"], r"eval\.measure must be one of keypoints, mask, got 'calipers'"),
     (["model.overrides.lm_loss_reduction=sum"], r"lm_loss_reduction must be one of token"),
     (["train.schedule=step"], r"train\.schedule must be one of cosine, linear, .*got 'step'"),
     (["logging.mode=cloud"], r"logging\.mode must be one of online, offline, .*got 'cloud'"),
