@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the consensus of N sampled reports")
     parser.add_argument("--report-temperature", type=float, default=1.0,
                         help="sampling temperature of those reports (default: 1)")
+    parser.add_argument("--measure", choices=("keypoints", "mask"), default="keypoints",
+                        help="lesion calipers from the [KPT] head (default) or from the "
+                             "outline of the lesion the model segments")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--out", required=True, help="output directory")
     return parser
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, seed=args.seed,
         regions=args.regions, closed=args.closed, language=args.language,
         report_samples=args.report_samples, report_temperature=args.report_temperature,
+        measure=args.measure,
     )
     result.settings["model"] = args.checkpoint or f"{args.preset}/{args.variant}"
     result.settings["data"] = args.data or f"synthetic:{args.synthetic}"

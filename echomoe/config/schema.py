@@ -236,7 +236,9 @@ class EvalSection:
     ``language`` the text metrics' tokenisation (``auto``: CJK character level when the
     references have ideographs; ``en``; ``zh``), ``report_samples``: ``1`` decodes reports
     greedily, ``N > 1`` by minimum Bayes risk over ``N`` samples (:mod:`echomoe.models.decoding`)
-    drawn at ``report_temperature`` (:func:`~echomoe.metrics.harness.evaluate_model`)."""
+    drawn at ``report_temperature``, and ``measure`` where lesion calipers come from
+    (``keypoints``: the ``[KPT]`` head; ``mask``: the outline of the lesion the model segments;
+    :func:`~echomoe.metrics.harness.evaluate_model`)."""
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     batch_size: int = 16
@@ -247,6 +249,7 @@ class EvalSection:
     language: str = "auto"
     report_samples: int = 1
     report_temperature: float = 1.0
+    measure: str = "keypoints"
 
 
 @dataclass
@@ -291,6 +294,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logging.mode": ("online", "offline", "disabled"),
     "eval.closed": ("rank", "generate"),
     "eval.language": ("auto", "en", "zh"),
+    "eval.measure": ("keypoints", "mask"),
 }
 """Allowed values of the string fields that are enumerations."""
 

@@ -165,13 +165,28 @@ def build_diagnosis(sample: UltrasoundSample, rng: np.random.Generator) -> list[
     return [(_prompt(sample, "diagnosis", rng), str(sample.diagnosis).strip())]
 
 
+def segment_turn(sample: UltrasoundSample, name: str, rng: np.random.Generator
+                 ) -> tuple[str, str]:
+    """``(prompt, target)`` asking for mask ``name`` of ``sample``; the target ends with
+    ``[SEG]``."""
+    label = _describe(sample, name)
+    return _prompt(sample, "segment", rng, label=label), f"Here is the {label}: {SEG_TOKEN}"
+
+
 def build_segment(sample: UltrasoundSample, rng: np.random.Generator) -> list[tuple[str, str]]:
     """Segmentation of :func:`primary_mask_name`; target ends with ``[SEG]``."""
     name = primary_mask_name(sample)
-    if name is None:
-        return []
-    label = _describe(sample, name)
-    return [(_prompt(sample, "segment", rng, label=label), f"Here is the {label}: {SEG_TOKEN}")]
+    return [] if name is None else [segment_turn(sample, name, rng)]
+
+
+def measured_mask_name(sample: UltrasoundSample) -> str | None:
+    """The mask whose outline a ``measure`` example's calipers span: ``"lesion"`` for lesion
+    size calipers (``size_long_mm`` known and a non-empty lesion mask), else ``None`` (e.g. the
+    left-ventricular diameter, a line across the cavity rather than the extent of a mask)."""
+    if "size_long_mm" in sample.attributes and "lesion" in sample.masks \
+            and np.any(np.asarray(sample.masks["lesion"])):
+        return "lesion"
+    return None
 
 
 def build_detect(sample: UltrasoundSample, rng: np.random.Generator) -> list[tuple[str, str]]:

@@ -80,8 +80,16 @@ import torch
 
 from echomoe.data.collate import resize_mask
 from echomoe.data.schema import UltrasoundSample, from_hf_dataset
-from echomoe.data.tasks import TASKS, build_task, primary_box, primary_mask_name
+from echomoe.data.tasks import (
+    TASKS,
+    build_task,
+    measured_mask_name,
+    primary_box,
+    primary_mask_name,
+    segment_turn,
+)
 from echomoe.data.tokenizer import DET_TOKEN, IMAGE_TOKEN, KPT_TOKEN, SEG_TOKEN
+from echomoe.grounding.calipers import calipers_near
 from echomoe.grounding.losses import match_point_pairs
 from echomoe.metrics.detection import box_iou, inclusive_to_edges
 from echomoe.metrics.findings import (
@@ -112,6 +120,9 @@ GROUNDING_TOKENS: dict[str, str] = {"segment": SEG_TOKEN, "detect": DET_TOKEN,
 REGION_PROTOCOLS = ("predicted", "given")
 """Where the routers' region ids come from at evaluation (see :func:`evaluate_model`)."""
 
+MEASURE_PROTOCOLS = ("keypoints", "mask")
+"""Where a lesion measurement's calipers come from at evaluation (see :func:`evaluate_model`)."""
+
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "report": ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "cider",
                "finding_f1_micro", "finding_f1_macro", "size_error_mm", "size_reported_rate"),
@@ -120,7 +131,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "segment": ("dice", "iou", "hd95_mm", "hd95_undefined", "task_token_rate"),
     "detect": ("box_iou", "acc50", "task_token_rate"),
     "measure": ("radial_error_px", "radial_error_mm", "measurement_abs_mm",
-                "measurement_rel_pct", "task_token_rate"),
+                "measurement_rel_pct", "mask_calipers_rate", "task_token_rate"),
 }
 """Metric keys reported for each task (plus ``"n"``, the number of scored examples)."""
 
@@ -229,7 +240,8 @@ def _pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
 def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
                given_regions: bool, force_task_token: bool, rank_closed: bool,
                accumulator: RoutingAccumulator, report_samples: int = 1,
-               report_temperature: float = 1.0, seed: int = 0, language: str = "auto") -> None:
+               report_temperature: float = 1.0, seed: int = 0, language: str = "auto",
+               measure: str = "keypoints") -> None:
     """Generate, decode and (for grounding tasks) ground one batch of one task, in place."""
     tok = processor.tokenizer
     device = _model_device(model)
@@ -310,6 +322,49 @@ def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
                        region_ids=true_regions)
     for i, ex in enumerate(batch):
         ex.ground = {k: v[i].detach().cpu().numpy() for k, v in grounded.items()}
+    if task == "measure" and measure == "mask":
+        _calipers_from_masks(model, processor, batch, region_ids, seed)
+
+
+def _calipers_from_masks(model, processor, batch: list[_Example], region_ids, seed: int) -> None:
+    """``measure="mask"``: each lesion measurement of ``batch`` asks the model for the lesion's
+    mask (the ``segment`` prompt for it, answered ``Here is the <label>: [SEG]``) and replaces
+    the keypoint head's calipers by those of the mask component nearest them
+    (:func:`~echomoe.grounding.calipers.calipers_near`); an empty mask keeps the head's."""
+    rows = [i for i, ex in enumerate(batch) if len(ex.ground.get("keypoints_px", ())) >= 4
+            and ex.ground.get("has_kpt", True) and measured_mask_name(ex.sample)]
+    for ex in batch:
+        ex.ground["mask_calipers"] = np.bool_(False)
+    if not rows:
+        return
+    tok, device = processor.tokenizer, _model_device(model)
+    turns = [segment_turn(batch[i].sample, measured_mask_name(batch[i].sample),
+                          np.random.default_rng([seed, batch[i].index, len(TASKS)]))
+             for i in rows]
+    enc = processor(images=[list(batch[i].sample.images) for i in rows],
+                    text=[prompt for prompt, _ in turns], padding_side="left")
+    ids = [p[m.bool()].tolist() + tok.encode(target, add_special_tokens=False)
+           for p, m, (_, target) in zip(enc["input_ids"], enc["attention_mask"], turns,
+                                        strict=True)]
+    ids, mask = _pad_right(ids, tok.pad_token_id, device)
+    masks = model.ground(ids, enc["pixel_values"].to(device),
+                         image_counts=enc["image_counts"].to(device),
+                         region_ids=None if region_ids is None else region_ids[rows],
+                         attention_mask=mask)["masks"].cpu().numpy()
+    pairs = model.config.grounding_config["measure_pairs"]
+    for j, i in enumerate(rows):
+        ex, pred = batch[i], masks[j]
+        h0, w0 = ex.sample.image_array(0).shape[:2]
+        points = ex.ground["keypoints_px"]
+        refined = calipers_near(pred, points[:4], (h0 / pred.shape[0], w0 / pred.shape[1]))
+        if refined is None:
+            continue
+        points = points.copy()
+        points[:4] = refined
+        spacing = math.nan if ex.sample.pixel_spacing is None else float(ex.sample.pixel_spacing)
+        lengths = [float(np.hypot(*(points[b] - points[a]))) * spacing for a, b in pairs]
+        ex.ground.update(keypoints_px=points, measurements_mm=np.array(lengths),
+                         mask_calipers=np.bool_(True))
 
 
 # ----------------------------------------------------------------------------- per-sample scores
@@ -342,6 +397,8 @@ def _score_grounding(ex: _Example, image_size: int, measure_pairs: list[tuple[in
                                     torch.as_tensor(points[None, :n]),
                                     [measure_pairs[p] for p in pairs])[0].numpy()
         err = radial_error(pred[:n], matched, pixel_spacing=spacing)
+        if "mask_calipers" in g:
+            ex.scores["mask_calipers"] = float(g["mask_calipers"])
         ex.scores.update(radial_error_px=float(err["px"].mean()),
                          radial_error_mm=float(err["mm"].mean()))
         if pairs and "measurements_mm" in g:
@@ -449,7 +506,8 @@ def _task_summary(task: str, rows: list[_Example], language: str) -> dict[str, f
         out.update(_diagnosis_summary(rows))
     else:
         keys = [k for k in TASK_METRICS[task] if k not in ("acc50", "hd95_undefined",
-                                                            "task_token_rate")]
+                                                            "task_token_rate",
+                                                            "mask_calipers_rate")]
         for key in keys:
             out[key] = _nanmean([r.scores.get(key, math.nan) for r in rows])
         out["task_token_rate"] = _nanmean([r.scores["task_token"] for r in rows])
@@ -457,6 +515,9 @@ def _task_summary(task: str, rows: list[_Example], language: str) -> dict[str, f
             out["hd95_undefined"] = float(np.mean([not math.isfinite(r.scores["hd95_mm"])
                                                    and r.sample.pixel_spacing is not None
                                                    for r in rows]))
+        if task == "measure":
+            out["mask_calipers_rate"] = _nanmean([r.scores.get("mask_calipers", math.nan)
+                                                  for r in rows])
         if task == "detect":
             out["acc50"] = float(np.mean([r.scores["box_iou"] >= 0.5 for r in rows]))
     return {k: out.get(k, math.nan) for k in ("n", *TASK_METRICS[task])}
@@ -500,6 +561,7 @@ def evaluate_model(
     force_task_token: bool = True,
     report_samples: int = 1,
     report_temperature: float = 1.0,
+    measure: str = "keypoints",
 ) -> EvalResult:
     """Run ``model`` on every task of ``samples`` and score it (see the module docstring).
 
@@ -528,6 +590,13 @@ def evaluate_model(
             (:mod:`echomoe.models.decoding`; seeded by ``seed``, so reproducible).
         report_temperature: the sampling temperature of those reports (``> 0``; 1: the
             model's distribution, lower: samples nearer the greedy report).
+        measure: where a lesion measurement's calipers come from: ``"keypoints"`` (default:
+            the ``[KPT]`` head's points) or ``"mask"``: the model also segments the lesion it
+            measures and the calipers span that mask's component nearest the head's points, as
+            the reference calipers span the true mask (:mod:`echomoe.grounding.calipers`;
+            ``mask_calipers_rate`` = how often a mask was found; other measurements, e.g. the
+            left-ventricular diameter, keep the head's points).  Needs ``measure_pairs``
+            ``[[0, 1], [2, 3]]`` (long, short axis).
 
     Returns:
         :class:`EvalResult` (``metrics``, ``records``, ``routing``, ``settings``).
@@ -547,6 +616,14 @@ def evaluate_model(
         raise ValueError(f"report_temperature must be > 0, got {report_temperature}")
     if closed not in ("rank", "generate"):
         raise ValueError(f"closed must be 'rank' or 'generate', got {closed!r}")
+    if measure not in MEASURE_PROTOCOLS:
+        raise ValueError(f"measure must be one of {', '.join(MEASURE_PROTOCOLS)}, got "
+                         f"{measure!r}")
+    if measure == "mask" and [list(p) for p in model.config.grounding_config["measure_pairs"]
+                              ][:2] != [[0, 1], [2, 3]]:
+        raise ValueError("measure='mask' needs grounding_config measure_pairs [[0, 1], [2, 3]] "
+                         "(long axis, short axis), got "
+                         f"{model.config.grounding_config['measure_pairs']}")
     if regions not in REGION_PROTOCOLS:
         raise ValueError(f"regions must be one of {', '.join(REGION_PROTOCOLS)}, got {regions!r}")
     samples = _as_samples(samples)
@@ -570,7 +647,7 @@ def evaluate_model(
                            rank_closed=closed == "rank",
                            accumulator=accumulator, report_samples=report_samples,
                            report_temperature=report_temperature,
-                           seed=seed, language=language)
+                           seed=seed, language=language, measure=measure)
                 bar.update(1)
     finally:
         model.train(was_training)
@@ -580,7 +657,8 @@ def evaluate_model(
     settings = {"tasks": list(tasks), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                 "seed": seed, "regions": regions, "closed": closed, "language": language,
                 "force_task_token": force_task_token, "report_samples": report_samples,
-                "report_temperature": report_temperature, "num_samples": len(samples)}
+                "report_temperature": report_temperature, "measure": measure,
+                "num_samples": len(samples)}
     return EvalResult(summarize(examples, tasks, len(samples), language=language),
                       make_records(examples),
                       accumulator.report(), settings)

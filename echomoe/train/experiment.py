@@ -249,7 +249,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
 
     # How every evaluation below answers and decodes (eval section).
     decoding = {"closed": e.closed, "language": e.language, "report_samples": e.report_samples,
-                "report_temperature": e.report_temperature}
+                "report_temperature": e.report_temperature, "measure": e.measure}
 
     def eval_fn(m) -> dict[str, float]:
         metrics = {f"eval/{k}": v for k, v in loss_eval(m).items()}

@@ -276,3 +276,42 @@ def test_evaluate_script_checkpoint_and_data(tiny, samples, tmp_path):
     with pytest.raises(SystemExit, match="no split"):
         _script().main(["--checkpoint", str(tmp_path / "ckpt"), "--data",
                         str(tmp_path / "data"), "--split", "train", "--out", str(out)])
+
+
+def test_measure_from_mask_spans_the_segmented_lesion(tiny, monkeypatch):
+    """``measure="mask"``: given the true lesion mask, the calipers are the reference ones
+    (the benchmark's calipers span that mask), so the measurement error is exactly 0; the
+    left-ventricle measurements and the keypoint protocol keep the head's points."""
+    from echomoe.data.synthetic.generate import SyntheticConfig
+    from echomoe.data.tasks import measured_mask_name
+
+    model, processor = tiny
+    cases = generate(14, seed=3, config=SyntheticConfig(image_size=model.config.image_size))
+    lesions = [s for s in cases if len(s.keypoints) >= 2 and measured_mask_name(s)]
+    assert 0 < len(lesions) < sum(len(s.keypoints) >= 2 for s in cases)  # some LV-only cases
+    seg_id, ground = model.config.seg_token_id, model.ground
+    calls = []
+
+    def oracle_masks(ids, *args, **kwargs):
+        out = ground(ids, *args, **kwargs)
+        if (ids == seg_id).any():  # the lesion query of the mask protocol
+            calls.append(len(ids))
+            out["masks"] = torch.from_numpy(np.stack([s.masks["lesion"] for s in lesions]))
+        return out
+
+    monkeypatch.setattr(model, "ground", oracle_masks)
+    kwargs = dict(tasks=("measure",), batch_size=16, max_new_tokens=2, progress=False)
+    head = evaluate_model(model, processor, cases, **kwargs)
+    assert calls == [] and math.isnan(head.metrics["per_task"]["measure"]["mask_calipers_rate"])
+    result = evaluate_model(model, processor, cases, measure="mask", **kwargs)
+    assert calls == [len(lesions)] and result.settings["measure"] == "mask"
+    row = result.metrics["per_task"]["measure"]
+    assert row["mask_calipers_rate"] == pytest.approx(len(lesions) / row["n"])
+    for rec, ref in zip(result.records, head.records, strict=True):
+        if rec["scores"]["mask_calipers"]:
+            assert rec["scores"]["measurement_abs_mm"] == pytest.approx(0.0, abs=1e-4)
+            assert rec["scores"]["radial_error_px"] == pytest.approx(0.0, abs=1e-4)
+        else:
+            assert rec["scores"] == {**ref["scores"], "mask_calipers": 0.0}
+    with pytest.raises(ValueError, match="measure must be one of keypoints, mask"):
+        evaluate_model(model, processor, cases[:1], measure="masks", **kwargs)

@@ -35,8 +35,9 @@ from echomoe.data.synthetic import anatomy, phantom
 from echomoe.data.synthetic.reports import write_report
 from echomoe.data.synthetic.vocab import DEPTHS, LESION_TYPES, SIDES, diagnose
 from echomoe.data.synthetic.vqa import make_qa
+from echomoe.grounding.calipers import CALIPER_NAMES, mask_calipers
 
-KEYPOINT_NAMES = ("long_axis_start", "long_axis_end", "short_axis_start", "short_axis_end")
+KEYPOINT_NAMES = CALIPER_NAMES
 SPLITS = ("train", "validation", "test")
 
 
@@ -109,47 +110,6 @@ def bbox(mask: np.ndarray) -> list[int]:
     return [int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])]
 
 
-def boundary(mask: np.ndarray) -> np.ndarray:
-    """``(H, W)`` bool: pixels of ``mask (H, W)`` with a 4-neighbour outside it (the image
-    border counts as outside)."""
-    return mask & ~phantom.erode(mask)
-
-
-def calipers(mask: np.ndarray) -> dict[str, tuple[float, float]]:
-    """Long- and short-axis caliper endpoints ``(x, y)`` on the boundary of ``mask (H, W)``.
-
-    Long axis: the two boundary pixels farthest apart (start = smaller ``x``, then ``y``).
-    Short axis: over 1-px bins of position along the long axis, the pair of boundary pixels
-    with the widest spread perpendicular to it (start = the one nearer the skin).
-    Each endpoint then moves half a pixel outwards along its axis, so the calipers sit on the
-    outer pixel edges as a sonographer places them: a structure ``n`` pixels across measures
-    ``n`` pixels (a one-pixel-thick stone is one pixel thick, not zero).
-    """
-    ys, xs = np.nonzero(boundary(mask))
-    pts = np.stack([xs, ys], 1).astype(np.float64)
-    diff = pts[:, None, :] - pts[None, :, :]
-    d2 = np.einsum("ijk,ijk->ij", diff, diff)
-    i, j = divmod(int(np.argmax(d2)), len(pts))
-    a, b = sorted([(float(pts[i, 0]), float(pts[i, 1])), (float(pts[j, 0]), float(pts[j, 1]))])
-    axis = np.subtract(b, a)
-    norm = np.hypot(*axis)
-    u = axis / norm if norm > 0 else np.array([1.0, 0.0])
-    v = np.array([-u[1], u[0]])
-    bins = np.round(pts @ u).astype(np.int64)
-    pv = pts @ v
-    order = np.lexsort((pv, bins))
-    sb = bins[order]
-    starts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1]])
-    ends = np.r_[starts[1:] - 1, len(sb) - 1]
-    spread = pv[order[ends]] - pv[order[starts]]
-    k = int(np.argmax(spread))
-    p, q = pts[order[starts[k]]] - 0.5 * v, pts[order[ends[k]]] + 0.5 * v
-    a, b = np.subtract(a, 0.5 * u), np.add(b, 0.5 * u)
-    s0, s1 = sorted([tuple(p.tolist()), tuple(q.tolist())], key=lambda t: (t[1], t[0]))
-    points = (tuple(a.tolist()), tuple(b.tolist()), s0, s1)
-    return dict(zip(KEYPOINT_NAMES, points, strict=True))
-
-
 def _third(value: float, size: int, names: tuple[str, str, str]) -> str:
     return names[min(2, int(3 * value / size))]
 
@@ -159,9 +119,9 @@ def lesion_measurements(mask: np.ndarray, spacing: float) -> tuple[dict[str, Any
 
     ``mask`` is the non-empty ``(S, S)`` bool lesion mask, ``spacing`` its mm per pixel.
     Returns ``(attributes, keypoints)``: ``{"orientation", "size_long_mm", "size_short_mm",
-    "location"}`` and :func:`calipers`' named ``(x, y)`` points.
+    "location"}`` and :func:`~echomoe.grounding.calipers.mask_calipers`' named ``(x, y)`` points.
     """
-    kp = calipers(mask)
+    kp = mask_calipers(mask)
     x0, y0, x1, y1 = bbox(mask)
     ys, xs = np.nonzero(mask)
     size = mask.shape[0]
