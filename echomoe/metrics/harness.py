@@ -32,6 +32,9 @@ How it runs (all deterministic):
    through ``model.ground``.  When the model did not emit the task token (``[SEG]`` /
    ``[DET]`` / ``[KPT]``) it is appended (``force_task_token=True``, the default) so the head
    is still read out; ``task_token_rate`` reports how often the model emitted it itself.
+   With ``measure="mask"`` a lesion measurement also asks for the lesion's mask and takes its
+   calipers from it (:func:`evaluate_model`; ``mask_calipers_rate``: the fraction of measure
+   examples measured so).
 4. **Routing.**  One forward over prompt + generation per batch (for grounding tasks, the
    ``ground`` forward itself) feeds a :class:`~echomoe.metrics.routing.RoutingAccumulator`
    (padding excluded), so the routing report covers every evaluated token.  Its region x
