@@ -334,14 +334,15 @@ def _calipers_from_masks(model, processor, batch: list[_Example], region_ids, se
     mask (the ``segment`` prompt for it, answered ``Here is the <label>: [SEG]``) and replaces
     the keypoint head's calipers by those of the mask component nearest them
     (:func:`~echomoe.grounding.calipers.calipers_near`); an empty mask keeps the head's."""
-    rows = [i for i, ex in enumerate(batch) if len(ex.ground.get("keypoints_px", ())) >= 4
-            and ex.ground.get("has_kpt", True) and measured_mask_name(ex.sample)]
+    names = {i: measured_mask_name(ex.sample) for i, ex in enumerate(batch)
+             if len(ex.ground.get("keypoints_px", ())) >= 4 and ex.ground.get("has_kpt", True)}
+    rows = [i for i, name in names.items() if name]
     for ex in batch:
         ex.ground["mask_calipers"] = np.bool_(False)
     if not rows:
         return
     tok, device = processor.tokenizer, _model_device(model)
-    turns = [segment_turn(batch[i].sample, measured_mask_name(batch[i].sample),
+    turns = [segment_turn(batch[i].sample, names[i],
                           np.random.default_rng([seed, batch[i].index, len(TASKS)]))
              for i in rows]
     enc = processor(images=[list(batch[i].sample.images) for i in rows],

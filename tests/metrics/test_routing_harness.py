@@ -315,3 +315,6 @@ def test_measure_from_mask_spans_the_segmented_lesion(tiny, monkeypatch):
             assert rec["scores"] == {**ref["scores"], "mask_calipers": 0.0}
     with pytest.raises(ValueError, match="measure must be one of keypoints, mask"):
         evaluate_model(model, processor, cases[:1], measure="masks", **kwargs)
+    monkeypatch.setitem(model.config.grounding_config, "measure_pairs", [[0, 2], [1, 3]])
+    with pytest.raises(ValueError, match=r"measure='mask' needs grounding_config measure_pairs"):
+        evaluate_model(model, processor, cases[:1], measure="mask", **kwargs)
