@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the consensus of N sampled reports")
     parser.add_argument("--report-temperature", type=float, default=1.0,
                         help="sampling temperature of those reports (default: 1)")
+    parser.add_argument("--report-pool", metavar="SPLIT", default=None,
+                        help="with --report-samples > 1: also consider the reports of this "
+                             "split of --data (e.g. train) as minimum-Bayes-risk hypotheses")
     parser.add_argument("--measure", choices=("keypoints", "mask"), default="keypoints",
                         help="lesion calipers from the [KPT] head (default) or from the "
                              "outline of the lesion the model segments")
@@ -92,42 +95,52 @@ def load_model_and_processor(args: argparse.Namespace):
 
 def load_samples(args: argparse.Namespace):
     """The samples to evaluate: a split of ``--data`` or ``--synthetic N`` fresh cases."""
-    from echomoe.data.schema import from_hf_dataset
-
     if args.synthetic is not None:
         from echomoe.data.synthetic.generate import SyntheticConfig, generate
 
         samples = generate(args.synthetic, args.seed, SyntheticConfig(image_size=args.image_size))
     else:
-        from datasets import DatasetDict, load_from_disk
-
-        data = load_from_disk(str(args.data))
-        if isinstance(data, DatasetDict):
-            if args.split not in data:
-                raise SystemExit(f"--data {args.data} has no split {args.split!r}; splits: "
-                                 f"{', '.join(data)}")
-            data = data[args.split]
-        if args.limit is not None:
-            data = data.select(range(min(args.limit, len(data))))
-        samples = from_hf_dataset(data)
+        samples = load_split(args.data, args.split, args.limit)
     return samples[: args.limit] if args.limit is not None else samples
+
+
+def load_split(path: str, split: str, limit: int | None = None):
+    """The first ``limit`` samples (all: ``None``) of ``split`` of the dataset saved at ``path``
+    (a ``DatasetDict``; a single ``Dataset`` is taken as it is)."""
+    from datasets import DatasetDict, load_from_disk
+
+    from echomoe.data.schema import from_hf_dataset
+
+    data = load_from_disk(str(path))
+    if isinstance(data, DatasetDict):
+        if split not in data:
+            raise SystemExit(f"--data {path} has no split {split!r}; splits: {', '.join(data)}")
+        data = data[split]
+    if limit is not None:
+        data = data.select(range(min(limit, len(data))))
+    return from_hf_dataset(data)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; prints a JSON summary (output paths + overall metrics)."""
     args = build_parser().parse_args(argv)
-    from echomoe.metrics.harness import evaluate_model, write_results
+    from echomoe.metrics.harness import evaluate_model, report_texts, write_results
     from echomoe.metrics.routing import routing_heatmap
 
     model, processor = load_model_and_processor(args)
     model.to(args.device)
     samples = load_samples(args)
+    pool = None
+    if args.report_pool is not None:
+        if args.data is None:
+            raise SystemExit("--report-pool needs --data (the pool is a split of it)")
+        pool = report_texts(load_split(args.data, args.report_pool))
     result = evaluate_model(
         model, processor, samples, tasks=args.tasks, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, progress=not args.no_progress, seed=args.seed,
         regions=args.regions, closed=args.closed, language=args.language,
         report_samples=args.report_samples, report_temperature=args.report_temperature,
-        measure=args.measure,
+        measure=args.measure, report_pool=pool,
     )
     result.settings["model"] = args.checkpoint or f"{args.preset}/{args.variant}"
     result.settings["data"] = args.data or f"synthetic:{args.synthetic}"

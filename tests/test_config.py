@@ -238,6 +238,8 @@ def test_unknown_or_malformed_override(override, pattern):
     (["train.pack_turns=often"], r"train\.pack_turns must be bool"),
     (["eval.report_samples=0"], r"eval\.report_samples must be an int >= 1, got 0"),
     (["eval.report_temperature=0"], r"eval\.report_temperature must be a finite number > 0"),
+    (["eval.report_pool=test"], r"eval\.report_pool must be one of none, train, got 'test'"),
+    (["eval.report_pool=train"], r"eval\.report_pool 'train' needs eval\.report_samples >= 2"),
     (["eval.measure=calipers"], r"eval\.measure must be one of keypoints, mask, got 'calipers'"),
     (["model.overrides.lm_loss_reduction=sum"], r"lm_loss_reduction must be one of token"),
     (["train.schedule=step"], r"train\.schedule must be one of cosine, linear, .*got 'step'"),

@@ -351,6 +351,10 @@ def validate(config: ExperimentConfig, where: str = "config") -> None:
     _rule(where, rules.check_int, e.max_new_tokens, "eval.max_new_tokens", 1)
     _rule(where, rules.check_int, e.report_samples, "eval.report_samples", 1)
     _rule(where, rules.check_positive, e.report_temperature, "eval.report_temperature")
+    _rule(where, rules.check_choice, e.report_pool, "eval.report_pool", ("none", "train"))
+    if e.report_pool != "none" and e.report_samples < 2:
+        raise _fail(where, "eval.report_pool", f"{e.report_pool!r} needs eval.report_samples "
+                    f">= 2 (the samples are the evidence), got {e.report_samples}")
     if e.num_samples is not None:
         _rule(where, rules.check_int, e.num_samples, "eval.num_samples", 1)
     _rule(where, rules.check_int, config.logging.log_every, "logging.log_every", 1)

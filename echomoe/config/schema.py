@@ -236,7 +236,9 @@ class EvalSection:
     ``language`` the text metrics' tokenisation (``auto``: CJK character level when the
     references have ideographs; ``en``; ``zh``), ``report_samples``: ``1`` decodes reports
     greedily, ``N > 1`` by minimum Bayes risk over ``N`` samples (:mod:`echomoe.models.decoding`)
-    drawn at ``report_temperature``, and ``measure`` where lesion calipers come from
+    drawn at ``report_temperature``, ``report_pool`` further hypotheses of that choice
+    (``none``; ``train``: the train split's reports, chosen where they agree with the model's
+    samples more than any sample does), and ``measure`` where lesion calipers come from
     (``keypoints``: the ``[KPT]`` head; ``mask``: the outline of the lesion the model segments;
     :func:`~echomoe.metrics.harness.evaluate_model`)."""
 
@@ -249,6 +251,7 @@ class EvalSection:
     language: str = "auto"
     report_samples: int = 1
     report_temperature: float = 1.0
+    report_pool: str = "none"
     measure: str = "keypoints"
 
 

@@ -108,6 +108,7 @@ from echomoe.metrics.routing import RoutingAccumulator
 from echomoe.metrics.segmentation import dice, hd95, iou
 from echomoe.metrics.text import (
     LANGUAGES,
+    HypothesisPool,
     bleu,
     consensus_index,
     report_metrics,
@@ -128,7 +129,8 @@ MEASURE_PROTOCOLS = ("keypoints", "mask")
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "report": ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "cider",
-               "finding_f1_micro", "finding_f1_macro", "size_error_mm", "size_reported_rate"),
+               "finding_f1_micro", "finding_f1_macro", "size_error_mm", "size_reported_rate",
+               "pool_rate"),
     "vqa": ("closed_accuracy", "open_exact_match", "open_token_f1", "exact_match", "token_f1"),
     "diagnosis": ("accuracy", "macro_f1", "parse_rate"),
     "segment": ("dice", "iou", "hd95_mm", "hd95_undefined", "task_token_rate"),
@@ -220,6 +222,12 @@ def build_examples(samples: Sequence[UltrasoundSample], tasks: Sequence[str],
     return examples
 
 
+def report_texts(samples: Any, seed: int = 0) -> list[str]:
+    """The reference reports of ``samples`` (the ``report`` task's references, as scored), e.g.
+    a train split's, for :func:`evaluate_model`'s ``report_pool``."""
+    return [ex.reference for ex in build_examples(_as_samples(samples), ["report"], seed)]
+
+
 # ----------------------------------------------------------------------------- model running
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -244,7 +252,7 @@ def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
                given_regions: bool, force_task_token: bool, rank_closed: bool,
                accumulator: RoutingAccumulator, report_samples: int = 1,
                report_temperature: float = 1.0, seed: int = 0, language: str = "auto",
-               measure: str = "keypoints") -> None:
+               measure: str = "keypoints", pool: HypothesisPool | None = None) -> None:
     """Generate, decode and (for grounding tasks) ground one batch of one task, in place."""
     tok = processor.tokenizer
     device = _model_device(model)
@@ -279,8 +287,14 @@ def _run_batch(model, processor, batch: list[_Example], *, max_new_tokens: int,
     for i, ex in enumerate(batch):
         if mbr:  # the consensus of the sampled reports (echomoe.models.decoding)
             candidates = [decoded(i * report_samples + j) for j in range(report_samples)]
-            generated, ex.prediction = candidates[
-                consensus_index([text for _, text in candidates], language)]
+            texts = [text for _, text in candidates]
+            if pool is None:
+                generated, ex.prediction = candidates[consensus_index(texts, language)]
+            else:
+                chosen, ex.prediction = pool.choose(texts)
+                ex.scores["from_pool"] = float(chosen < 0)
+                generated = candidates[chosen][0] if chosen >= 0 else tok.encode(
+                    ex.prediction, add_special_tokens=False)
         else:
             generated, ex.prediction = decoded(i)
         if task_id is not None:
@@ -502,6 +516,7 @@ def _task_summary(task: str, rows: list[_Example], language: str) -> dict[str, f
         preds, refs = [r.prediction for r in rows], [r.reference for r in rows]
         out.update(report_metrics(preds, refs, language=language))
         out.update(_report_clinical(rows))
+        out["pool_rate"] = _nanmean([r.scores.get("from_pool", math.nan) for r in rows])
     elif task == "vqa":
         v = vqa_metrics([r.prediction for r in rows], [r.reference for r in rows],
                         [r.qa_type for r in rows], language=language)
@@ -566,6 +581,7 @@ def evaluate_model(
     report_samples: int = 1,
     report_temperature: float = 1.0,
     measure: str = "keypoints",
+    report_pool: Sequence[str] | None = None,
 ) -> EvalResult:
     """Run ``model`` on every task of ``samples`` and score it (see the module docstring).
 
@@ -601,6 +617,12 @@ def evaluate_model(
             ``mask_calipers_rate`` = how often a mask was found; other measurements, e.g. the
             left-ventricular diameter, keep the head's points).  Needs ``measure_pairs``
             ``[[0, 1], [2, 3]]`` (long, short axis).
+        report_pool: further minimum-Bayes-risk hypotheses for reports (with
+            ``report_samples > 1``), e.g. the train split's reports (:func:`report_texts`): a
+            pool report is chosen instead of the samples' consensus when its mean unigram F1 to
+            the model's samples is higher than any sample's to the others
+            (:class:`~echomoe.metrics.text.HypothesisPool`); ``report/pool_rate`` is how often.
+            ``None`` (default): the consensus of the samples alone.
 
     Returns:
         :class:`EvalResult` (``metrics``, ``records``, ``routing``, ``settings``).
@@ -618,6 +640,9 @@ def evaluate_model(
         raise ValueError(f"report_samples must be >= 1, got {report_samples}")
     if not report_temperature > 0:
         raise ValueError(f"report_temperature must be > 0, got {report_temperature}")
+    if report_pool is not None and report_samples < 2:
+        raise ValueError("report_pool needs report_samples >= 2 (the samples are the evidence "
+                         f"the pool's reports are scored against), got {report_samples}")
     if closed not in ("rank", "generate"):
         raise ValueError(f"closed must be 'rank' or 'generate', got {closed!r}")
     if measure not in MEASURE_PROTOCOLS:
@@ -633,6 +658,10 @@ def evaluate_model(
     samples = _as_samples(samples)
     tasks = [t for t in TASKS if t in tasks]
     examples = build_examples(samples, tasks, seed)
+    pool = None
+    if report_pool is not None and "report" in tasks:
+        pool = HypothesisPool(report_pool, resolve_language(
+            language, [ex.reference for ex in examples]))
     config = model.config
     accumulator = RoutingAccumulator(config.num_regions)
     batches = [examples_of[i: i + batch_size]
@@ -651,7 +680,7 @@ def evaluate_model(
                            rank_closed=closed == "rank",
                            accumulator=accumulator, report_samples=report_samples,
                            report_temperature=report_temperature,
-                           seed=seed, language=language, measure=measure)
+                           seed=seed, language=language, measure=measure, pool=pool)
                 bar.update(1)
     finally:
         model.train(was_training)
@@ -662,6 +691,7 @@ def evaluate_model(
                 "seed": seed, "regions": regions, "closed": closed, "language": language,
                 "force_task_token": force_task_token, "report_samples": report_samples,
                 "report_temperature": report_temperature, "measure": measure,
+                "report_pool": None if report_pool is None else len(report_pool),
                 "num_samples": len(samples)}
     return EvalResult(summarize(examples, tasks, len(samples), language=language),
                       make_records(examples),

@@ -201,7 +201,7 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
     """Run the experiment ``cfg`` end to end and return its summary (see module docstring)."""
     from echomoe.config import config_to_dict, deepspeed_config, save_config
     from echomoe.distributed import init_distributed, save_pretrained_consolidated
-    from echomoe.metrics.harness import evaluate_model, write_results
+    from echomoe.metrics.harness import evaluate_model, report_texts, write_results
     from echomoe.metrics.priors import prior_results, report_ceiling
     from echomoe.metrics.routing import routing_heatmap
     from echomoe.models.builders import count_parameters
@@ -249,7 +249,9 @@ def run_experiment(cfg, *, progress: bool = True) -> dict[str, Any]:
 
     # How every evaluation below answers and decodes (eval section).
     decoding = {"closed": e.closed, "language": e.language, "report_samples": e.report_samples,
-                "report_temperature": e.report_temperature, "measure": e.measure}
+                "report_temperature": e.report_temperature, "measure": e.measure,
+                "report_pool": (report_texts(splits[cfg.data.train_split], seed=e.seed)
+                                if e.report_pool == "train" else None)}
 
     def eval_fn(m) -> dict[str, float]:
         metrics = {f"eval/{k}": v for k, v in loss_eval(m).items()}

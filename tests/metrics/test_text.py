@@ -322,3 +322,40 @@ def test_consensus_matches_the_pairwise_definition():
              for i, a in enumerate(tokens)]
     assert T.consensus_index(texts) == int(np.argmax(gains))
     assert T.consensus_index(["", "", "x"]) == 0  # two empty texts agree fully
+
+
+# ------------------------------------------------------------------ MBR against a hypothesis pool
+def test_pool_matches_the_pairwise_definition():
+    # Samples score by their mean unigram F1 to the other samples, pool texts by their mean to
+    # all samples; the best of both wins (ties: the samples).
+    rng = np.random.default_rng(5)
+    words = ["cyst", "solid", "left", "right", "lobe", "5", "mm", "no", "lesion", "seen"]
+    draw = lambda: " ".join(rng.choice(words, size=rng.integers(1, 8)))  # noqa: E731
+    for _ in range(20):
+        samples, texts = [draw() for _ in range(5)], [draw() for _ in range(31)]
+        pool = T.HypothesisPool(texts)
+        s_tok, p_tok = [T.tokenize(t) for t in samples], [T.tokenize(t) for t in pool.texts]
+        own = [np.mean([T.unigram_f1(a, b) for j, b in enumerate(s_tok) if j != i])
+               for i, a in enumerate(s_tok)]
+        pooled = [np.mean([T.unigram_f1(a, b) for b in s_tok]) for a in p_tok]
+        chosen, text = pool.choose(samples)
+        if max(own) >= max(pooled):
+            assert (chosen, text) == (int(np.argmax(own)), samples[int(np.argmax(own))])
+        else:
+            assert (chosen, text) == (-1, pool.texts[int(np.argmax(pooled))])
+            assert max(pooled) > max(own)
+
+
+def test_pool_prefers_a_text_the_samples_agree_with_and_keeps_good_samples():
+    pool = T.HypothesisPool(["no focal lesion is seen", "a round cyst in the left lobe",
+                             "a round cyst in the left lobe", ""])
+    assert len(pool) == 2  # duplicates and empty texts dropped
+    broken = ["a round cyst the left", "round cyst in left lobe", "a cyst in the left lobe"]
+    assert pool.choose(broken) == (-1, "a round cyst in the left lobe")
+    agreeing = ["a small cyst in the right lobe"] * 3
+    assert pool.choose(agreeing) == (0, agreeing[0])
+    assert T.HypothesisPool([]).choose(["x y", "x", "x y"]) == (0, "x y")
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        pool.choose(["one"])
+    with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
+        T.HypothesisPool(["a", 3])

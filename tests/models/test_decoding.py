@@ -1,11 +1,12 @@
 """Minimum-Bayes-risk decoding: the seeded sampler and the harness option (the consensus choice,
 ``echomoe.metrics.text.consensus_index``, is tested in tests/metrics/test_text.py)."""
 
+import numpy as np
 import pytest
 import torch
 
 from echomoe.data.synthetic.generate import SyntheticConfig, generate
-from echomoe.metrics.harness import evaluate_model
+from echomoe.metrics.harness import evaluate_model, report_texts
 from echomoe.models import build_model, build_processor
 from echomoe.models.decoding import sample_sequences
 
@@ -69,3 +70,24 @@ def test_harness_reports_by_mbr_are_reproducible_and_among_the_samples(tiny):
     with pytest.raises(ValueError, match="report_temperature must be > 0"):
         evaluate_model(model, processor, samples, ["report"], max_new_tokens=8, progress=False,
                        report_samples=4, report_temperature=-1.0)
+
+
+def test_harness_report_pool_either_keeps_the_consensus_or_takes_a_pool_report(tiny):
+    model, processor, samples = tiny
+    run = lambda pool: evaluate_model(model, processor, samples, ["report"],  # noqa: E731
+                                      batch_size=2, max_new_tokens=8, progress=False,
+                                      report_samples=4, report_pool=pool)
+    plain = [r["prediction"] for r in run(None).records]
+    # The pool: reference reports, and the sampled consensus of case 0 as a pool text too.
+    pool = report_texts(generate(6, seed=11, config=SyntheticConfig(image_size=32)))
+    pooled = run(pool + [plain[0]])
+    assert pooled.settings["report_pool"] == len(pool) + 1
+    taken = [r["scores"]["from_pool"] for r in pooled.records]
+    for before, after, from_pool in zip(plain, [r["prediction"] for r in pooled.records], taken,
+                                        strict=True):
+        assert after == before if not from_pool else after in pool + [plain[0]]
+    assert pooled.metrics["per_task"]["report"]["pool_rate"] == pytest.approx(np.mean(taken))
+    assert np.isnan(run(None).metrics["per_task"]["report"]["pool_rate"])
+    with pytest.raises(ValueError, match="report_pool needs report_samples >= 2"):
+        evaluate_model(model, processor, samples, ["report"], max_new_tokens=8, progress=False,
+                       report_samples=1, report_pool=pool)

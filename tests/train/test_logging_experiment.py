@@ -201,3 +201,23 @@ def test_diagnosis_labels_are_the_sorted_labels_and_none_is_an_error():
     assert diagnosis_labels(samples) == ["normal", "tr4"]
     with pytest.raises(ValueError, match="model.diagnosis_head: no sample has a diagnosis"):
         diagnosis_labels([SimpleNamespace(diagnosis=None)])
+
+
+def test_run_experiment_gives_the_train_reports_as_the_report_pool(tmp_path, train_kwargs_of,
+                                                                  monkeypatch):
+    from echomoe.config import load_config
+    from echomoe.metrics import harness
+
+    seen = []
+    monkeypatch.setattr(harness, "report_texts",
+                        lambda samples, seed=0: seen.append((list(samples), seed)) or ["x"])
+    base = REPO / "configs" / "experiments" / "base.yaml"
+    common = ["train.steps=4", "train.warmup=0", "train.batch_size=2", "train.device=cpu",
+              "data.n=12", "data.synthetic.image_size=32", "model.corpus_samples=12",
+              "eval.num_samples=2", "logging.mode=disabled", f"output_dir={tmp_path / 'run'}",
+              "eval.report_samples=2", "eval.seed=3"]
+    train_kwargs_of(load_config(base, common))
+    assert seen == []  # report_pool: none
+    train_kwargs_of(load_config(base, [*common, "eval.report_pool=train"]))
+    (samples, seed), = seen
+    assert seed == 3 and 0 < len(samples) < 12  # the train split only
