@@ -306,3 +306,19 @@ def test_generation_benchmark(bench, tmp_path):
     assert real["feature_distance"] == pytest.approx(shuffled["feature_distance"])  # same images
     assert result["parameters"]["head"] > 0 and result["steps"] == 4
     _check_readme_update(bench, payload, tmp_path)
+
+
+def test_lesion_contrast_benchmark(bench, tmp_path):
+    out = tmp_path / "lesion_contrast.json"
+    payload = bench("lesion_contrast").main(["--out", str(out), "--n", "21", "--image-size",
+                                             "48"])
+    assert json.loads(out.read_text())["groups"] == payload["groups"]
+    groups = payload["groups"]
+    regions = [g for g in groups if " / " not in g]
+    assert regions and set(regions) <= {"breast", "gynaecology", "heart", "kidney", "liver",
+                                        "thyroid", "vessel"}
+    for region in regions:  # a region's count is the sum of its diagnoses'
+        parts = [r["n"] for g, r in groups.items() if g.startswith(region + " / ")]
+        assert groups[region]["n"] == sum(parts) >= 1
+    for r in groups.values():
+        assert 0 <= r["cnr_q25"] <= r["cnr_median"] and r["area_median_px"] >= 1

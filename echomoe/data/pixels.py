@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["is_dicom", "read_grayscale", "to_grayscale", "to_uint8"]
+__all__ = ["contrast_to_noise", "is_dicom", "read_grayscale", "to_grayscale", "to_uint8"]
 
 # ITU-R BT.601 luma weights: they sum to 1, so a gray pixel (R = G = B) keeps its value, which
 # keeps the B-mode intensities of colour ultrasound frames (overlays aside).
@@ -113,3 +113,43 @@ def read_grayscale(path: str | Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return _pil_gray(im)
+
+
+def contrast_to_noise(image: np.ndarray, mask: np.ndarray, within: np.ndarray | None = None,
+                      margin: int = 3) -> float:
+    """How conspicuous the structure ``mask`` is in ``image``: the contrast-to-noise ratio
+    ``|mean(inside) - mean(ring)| / std(ring)``, where the ring is the background within
+    ``margin`` pixels of the mask (square neighbourhood), restricted to ``within`` (e.g. the
+    organ) when given.  About 1: a lesion as bright or dark as one speckle standard deviation;
+    NaN when the mask or its ring (fewer than 2 pixels) is empty.
+
+    Args:
+        image: ``(H, W)`` grey levels (any numeric type).
+        mask: ``(H, W)`` bool, the structure.
+        within: optional ``(H, W)`` bool the ring is clipped to.
+        margin: the ring's width in pixels (>= 1).
+    """
+    from scipy import ndimage
+
+    image = np.asarray(image, dtype=np.float64)
+    mask = np.asarray(mask)
+    if image.ndim != 2 or mask.shape != image.shape:
+        raise ValueError(f"image must be (H, W) and mask the same shape, got {image.shape} and "
+                         f"{mask.shape}")
+    if mask.dtype != bool:
+        raise TypeError(f"mask must be bool, got {mask.dtype}")
+    if margin < 1:
+        raise ValueError(f"margin must be >= 1 pixel, got {margin}")
+    ring = ndimage.binary_dilation(mask, np.ones((2 * margin + 1,) * 2, bool)) & ~mask
+    if within is not None:
+        within = np.asarray(within)
+        if within.shape != image.shape or within.dtype != bool:
+            raise ValueError(f"within must be a bool (H, W) mask like image, got "
+                             f"{within.dtype} {within.shape}")
+        ring &= within
+    if not mask.any() or ring.sum() < 2:
+        return float("nan")
+    background = image[ring]
+    spread = background.std()
+    difference = abs(image[mask].mean() - background.mean())
+    return float(difference / spread) if spread > 0 else float("inf") if difference else 0.0
