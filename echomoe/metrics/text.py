@@ -130,7 +130,11 @@ def unigram_f1(a: Sequence[str], b: Sequence[str]) -> float:
 def consensus_scores(texts: Sequence[str], language: str = "auto") -> np.ndarray:
     """Each text's summed :func:`unigram_f1` to the *other* ``texts`` (``(n,)``; see
     :func:`consensus_index`).  Vectorised over the ``(n, n)`` pairs."""
-    bags = [Counter(tokenize(text, language)) for text in texts]
+    return _pairwise_scores([Counter(tokenize(text, language)) for text in texts])
+
+
+def _pairwise_scores(bags: Sequence[Counter]) -> np.ndarray:
+    """:func:`consensus_scores` of texts already counted into token bags."""
     vocab = {tok: j for j, tok in enumerate(sorted({t for bag in bags for t in bag}))}
     counts = _bag_matrix(bags, vocab)
     lengths = counts.sum(axis=1)
@@ -186,8 +190,9 @@ class HypothesisPool:
         if bad:
             raise TypeError(f"texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a string")
         self.language = language
-        self.texts = list(dict.fromkeys(t for t in texts if tokenize(t, language)))
-        bags = [Counter(tokenize(t, language)) for t in self.texts]
+        unique = {text: Counter(tokenize(text, language)) for text in texts}
+        self.texts = [text for text, bag in unique.items() if bag]
+        bags = [unique[text] for text in self.texts]
         self.vocab = {tok: j for j, tok in enumerate(sorted({t for bag in bags for t in bag}))}
         self.counts = _bag_matrix(bags, self.vocab)  # (m, V)
         self.lengths = self.counts.sum(axis=1)
@@ -200,11 +205,11 @@ class HypothesisPool:
         pool.  Needs two samples or more (a sample is never its own evidence)."""
         if len(samples) < 2:
             raise ValueError(f"choosing against a pool needs >= 2 samples, got {len(samples)}")
-        own = consensus_scores(samples, self.language) / (len(samples) - 1)
+        bags = [Counter(tokenize(text, self.language)) for text in samples]
+        own = _pairwise_scores(bags) / (len(samples) - 1)
         if not self.texts:
             best = int(np.argmax(own))
             return best, samples[best]
-        bags = [Counter(tokenize(text, self.language)) for text in samples]
         counts = _bag_matrix(bags, self.vocab)  # (n, V): tokens the pool never uses add nothing
         lengths = np.array([sum(bag.values()) for bag in bags], dtype=np.float64)
         overlap = np.minimum(self.counts[:, None, :], counts[None, :, :]).sum(axis=2)  # (m, n)

@@ -22,8 +22,8 @@ from echomoe.utils.benchmark import environment, markdown_table, publish
 
 
 def _lesion_stats(sample, margin: int) -> tuple[float, int] | None:
-    mask = np.asarray(sample.masks.get("lesion", np.zeros((0, 0)))) > 0
-    if not mask.any():
+    lesion = sample.masks.get("lesion")
+    if lesion is None or not (mask := np.asarray(lesion) > 0).any():
         return None
     organ = sample.masks.get("organ")
     within = None if organ is None else np.asarray(organ) > 0
