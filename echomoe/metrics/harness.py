@@ -60,7 +60,9 @@ How it runs (all deterministic):
                 keypoints (insertion order, as the collator; the two ends of each caliper
                 pair matched in the nearer order), and the absolute / relative error
                 of each caliper pair of ``grounding_config["measure_pairs"]`` that the reference
-                has (reference length = keypoint distance x pixel spacing)
+                has (reference length = keypoint distance x pixel spacing);
+                ``measurement_bias_mm`` is the signed mean, predicted - reference (< 0:
+                calipers too short)
    ============ ==============================================================================
 
    Corpus-level metrics (BLEU, CIDEr, finding-F1, accuracy) are recomputed on each region's
@@ -136,7 +138,8 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "segment": ("dice", "iou", "hd95_mm", "hd95_undefined", "task_token_rate"),
     "detect": ("box_iou", "acc50", "task_token_rate"),
     "measure": ("radial_error_px", "radial_error_mm", "measurement_abs_mm",
-                "measurement_rel_pct", "mask_calipers_rate", "task_token_rate"),
+                "measurement_rel_pct", "measurement_bias_mm", "mask_calipers_rate",
+                "task_token_rate"),
 }
 """Metric keys reported for each task (plus ``"n"``, the number of scored examples)."""
 
@@ -424,7 +427,8 @@ def _score_grounding(ex: _Example, image_size: int, measure_pairs: list[tuple[in
                        for a, b in (measure_pairs[p] for p in pairs)]
             m = measurement_error(g["measurements_mm"][pairs], np.asarray(true_mm))
             ex.scores.update(measurement_abs_mm=float(np.mean(m["abs_mm"])),
-                             measurement_rel_pct=float(np.mean(m["rel_pct"])))
+                             measurement_rel_pct=float(np.mean(m["rel_pct"])),
+                             measurement_bias_mm=float(np.mean(m["signed_mm"])))
 
 
 def _score_text(ex: _Example, language: str) -> None:

@@ -71,21 +71,23 @@ def radial_error(pred_points: Any, true_points: Any, image_sizes: Any = None,
 
 
 def measurement_error(pred_mm: Any, true_mm: Any) -> dict[str, np.ndarray]:
-    """Absolute (mm) and relative (%) error of measurements such as caliper lengths.
+    """Signed and absolute (mm) and relative (%) error of measurements such as caliper lengths.
 
     Args:
         pred_mm: ``(N,)`` (or any shape) predicted measurements in mm.
         true_mm: same shape, reference measurements in mm.
 
     Returns:
-        ``{"abs_mm": |pred - true|, "rel_pct": 100 * |pred - true| / |true|}``, float64 arrays of
-        the input shape; ``rel_pct`` is NaN where ``true == 0`` (undefined).
+        ``{"signed_mm": pred - true, "abs_mm": |pred - true|,
+        "rel_pct": 100 * |pred - true| / |true|}``, float64 arrays of the input shape
+        (``signed_mm < 0``: under-measured); ``rel_pct`` is NaN where ``true == 0`` (undefined).
     """
     p, t = _np(pred_mm), _np(true_mm)
     if p.shape != t.shape:
         raise ValueError(f"pred_mm {p.shape} and true_mm {t.shape} differ in shape")
-    abs_mm = np.abs(p - t)
+    signed = p - t
+    abs_mm = np.abs(signed)
     rel = np.full(abs_mm.shape, np.nan)
     nz = t != 0
     rel[nz] = 100.0 * abs_mm[nz] / np.abs(t[nz])
-    return {"abs_mm": abs_mm, "rel_pct": rel}
+    return {"signed_mm": signed, "abs_mm": abs_mm, "rel_pct": rel}

@@ -387,5 +387,6 @@ def test_radial_error_matches_measure_mm():
 def test_measurement_error():
     out = measurement_error([11.0, 9.0, 5.0], torch.tensor([10.0, 10.0, 0.0]))
     np.testing.assert_allclose(out["abs_mm"], [1.0, 1.0, 5.0])
+    np.testing.assert_allclose(out["signed_mm"], [1.0, -1.0, 5.0])
     np.testing.assert_allclose(out["rel_pct"][:2], [10.0, 10.0])
     assert np.isnan(out["rel_pct"][2])

@@ -221,6 +221,7 @@ def test_measure_prior_mean_keypoints_and_median_length():
     # true ones 30 and 45 mm (spacing 1.5)
     assert first["measurement_abs_mm"] == pytest.approx((10 + 15) / 2)
     assert first["measurement_rel_pct"] == pytest.approx(100 / 3)
+    assert first["measurement_bias_mm"] == pytest.approx(-(10 + 15) / 2)  # the prior is short
     # the 2-keypoint sample gets the 2-keypoint train mean, scaled to its 80 x 80 image
     assert second["radial_error_px"] == pytest.approx(0.0, abs=1e-9)
 

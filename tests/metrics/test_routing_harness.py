@@ -214,6 +214,7 @@ def test_oracle_predictions_score_perfectly(samples):
         "acc50"] == 1.0
     assert per_task["measure"]["radial_error_px"] == 0.0
     assert per_task["measure"]["measurement_abs_mm"] == pytest.approx(0.0, abs=1e-9)
+    assert per_task["measure"]["measurement_bias_mm"] == pytest.approx(0.0, abs=1e-9)
     # A caliper pair's ends are unordered: the long axis drawn end to start scores the same;
     # a point moved by 3 px does not.
     ex = next(e for e in examples if e.task == "measure")
